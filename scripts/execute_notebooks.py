@@ -1,0 +1,67 @@
+"""Execute chapters in place so they are committed with their outputs.
+
+    python scripts/execute_notebooks.py [book/NN-name.ipynb ...]   # default: every chapter
+
+Each notebook first gets the current setup cell (scripts/setup_cell.py), then runs top to bottom
+in its own folder with the offline profile (unless SELORA_PROFILE is set). Outputs are scrubbed of
+machine paths; an execution error leaves the file untouched and exits non-zero.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from setup_cell import ROOT, chapter_notebooks, sync  # noqa: E402
+
+PATH_RE = re.compile(r"(?:/work/|/tmp/|/root/|/home/|/private/|/var/folders/)[\w.+-]+(?:/[\w.+-]+)*")
+
+
+def scrub(text: str) -> str:
+    """Replace absolute machine paths in ``text`` by a short, stable marker."""
+    text = text.replace(str(ROOT), "<repo>")
+    return PATH_RE.sub("<path>", text)
+
+
+def scrub_outputs(nb: nbformat.NotebookNode) -> None:
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.metadata.pop("execution", None)
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = scrub(out["text"])
+            for key in ("text/plain", "text/html", "text/markdown"):
+                if key in out.get("data", {}):
+                    value = out["data"][key]
+                    out["data"][key] = scrub(value if isinstance(value, str) else "".join(value))
+
+
+def execute(path: Path, timeout: int = 900) -> float:
+    """Run ``path`` in place; return seconds taken."""
+    sync(path)
+    nb = nbformat.read(path, as_version=4)
+    os.environ.setdefault("SELORA_PROFILE", "offline")
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    scrub_outputs(nb)
+    fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
+    os.close(fd)
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    targets = [Path(p).resolve() for p in sys.argv[1:]] or chapter_notebooks()
+    for p in targets:
+        print(f"{p.relative_to(ROOT)}: executing ...", flush=True)
+        print(f"{p.relative_to(ROOT)}: {execute(p):.0f} s", flush=True)

@@ -1,0 +1,84 @@
+"""The setup cell every chapter opens with, rendered from ``_config.yml``.
+
+``python scripts/setup_cell.py`` rewrites the first code cell of every chapter listed in
+``_toc.yml`` to this exact text (tagged ``setup``); ``tests/test_book_structure.py`` checks it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "setup"
+
+TEMPLATE = '''\
+# Setup (identical in every chapter; written by scripts/setup_cell.py from _config.yml).
+# On Colab this installs selora from the repository; with a GPU runtime the profile is "paper".
+import os, subprocess, sys
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "selora[book] @ git+{url}@{branch}"], check=True)
+
+import selora
+
+SETUP = selora.setup(seed=0)  # seeds python/numpy/torch, sets threads, prints profile and versions
+PROFILE = SETUP["profile"]'''
+
+
+def load_config() -> dict:
+    return yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+
+
+def setup_source() -> str:
+    """The exact source of the setup cell, with the repository URL from ``_config.yml``."""
+    repo = load_config()["repository"]
+    return TEMPLATE.format(url=repo["url"], branch=repo.get("branch", "main"))
+
+
+def toc_files() -> list[str]:
+    """Files listed in ``_toc.yml`` (without suffix), root first, in order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    files = [toc["root"]]
+
+    def walk(entries: list) -> None:
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections", []))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
+    walk(toc.get("chapters", []))
+    return files
+
+
+def chapter_notebooks() -> list[Path]:
+    """Every ``.ipynb`` listed in ``_toc.yml``, as paths."""
+    return [ROOT / f"{f}.ipynb" for f in toc_files() if (ROOT / f"{f}.ipynb").is_file()]
+
+
+def sync(path: Path) -> bool:
+    """Make the first code cell of ``path`` the setup cell; return True if the file changed."""
+    nb = nbformat.read(path, as_version=4)
+    cell = nbformat.v4.new_code_cell(setup_source(), metadata={"tags": [TAG]})
+    codes = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    if codes and TAG in nb.cells[codes[0]].metadata.get("tags", []):
+        old = nb.cells[codes[0]]
+        if old.source == cell.source:
+            return False
+        old.source = cell.source
+    else:
+        first_code = codes[0] if codes else len(nb.cells)
+        nb.cells.insert(first_code, cell)
+    nbformat.write(nb, path)
+    return True
+
+
+if __name__ == "__main__":
+    targets = [Path(p) for p in sys.argv[1:]] or chapter_notebooks()
+    for p in targets:
+        print(("updated " if sync(p) else "ok      ") + str(p.relative_to(ROOT) if p.is_absolute() else p))

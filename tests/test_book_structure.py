@@ -1,0 +1,69 @@
+"""The book's frame: every chapter listed, opening with the setup cell, committed executed and clean."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import setup_cell  # noqa: E402
+
+NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+MACHINE_PATH = re.compile(r"(?:/work/|/tmp/|/root/|/home/)[\w.+-]+")
+
+
+def test_every_toc_entry_exists():
+    for f in setup_cell.toc_files():
+        assert any((ROOT / f"{f}{ext}").is_file() for ext in (".md", ".ipynb")), f"_toc.yml lists missing {f}"
+
+
+def test_every_chapter_is_in_the_toc():
+    listed = set(setup_cell.toc_files())
+    for nb in NOTEBOOKS:
+        rel = nb.relative_to(ROOT).with_suffix("").as_posix()
+        assert rel in listed, f"{rel}.ipynb is not listed in _toc.yml"
+
+
+def test_setup_cell_carries_the_repository_url_from_config():
+    url = setup_cell.load_config()["repository"]["url"]
+    assert f"git+{url}@" in setup_cell.setup_source()
+
+
+def test_config_executes_and_fails_on_errors():
+    cfg = setup_cell.load_config()
+    assert cfg["execute"]["execute_notebooks"] in {"cache", "force", "auto"}
+    assert cfg["sphinx"]["config"]["nb_execution_raise_on_error"] is True
+    assert cfg["execute"]["allow_errors"] is False
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_opens_with_the_setup_cell(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code, f"{path.name} has no code cell"
+    first = code[0]
+    assert "".join(first["source"]) == setup_cell.setup_source(), (
+        f"{path.name}: first code cell is not the setup cell (run scripts/setup_cell.py)")
+    assert "setup" in first["metadata"].get("tags", []), f"{path.name}: setup cell is not tagged 'setup'"
+    assert nb["cells"][0]["cell_type"] == "markdown", f"{path.name} must open with its title"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_is_committed_executed_and_clean(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    unrun = [i for i, c in enumerate(code) if c.get("execution_count") is None]
+    assert not unrun, f"{path.name}: code cells {unrun} were never executed"
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: not executed top to bottom once"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"], f"{path.name}: stored error output"
+    paths = MACHINE_PATH.findall(json.dumps(outputs))
+    assert not paths, f"{path.name}: outputs name machine paths, e.g. {paths[:2]}"
+    setup_out = "".join(o.get("text", "") for o in code[0].get("outputs", []))
+    assert "profile: offline" in setup_out, f"{path.name}: committed outputs are not from the offline profile"
