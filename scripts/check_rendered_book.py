@@ -1,0 +1,396 @@
+"""Open the rendered book in headless Chromium and check every page as a reader would see it.
+
+    python scripts/check_rendered_book.py [--html _build/html] [--toc _toc.yml]
+                                          [--screenshots _build/screenshots] [--chromium PATH]
+
+Serves the HTML folder from a local http.server on 127.0.0.1 (a free port), visits every page
+listed in the table of contents and fails on: a missing page, a rendered cell error output, a broken
+same-site link or anchor, an image that did not load, a same-site resource that failed (HTTP >= 400),
+console errors and uncaught page errors. Requests to other hosts are blocked (the verdict must not
+depend on the network), so fonts/CDN/launch-button targets never count. A full-page screenshot of
+every page goes to ``<screenshots>/<page>.png`` (toc path with "/" as "-", e.g. book-intro.png).
+
+Exit status: 0 all pages fine (a summary table is printed), 1 problems found (one line each, then the
+table and a count), 2 bad input (missing folder/file, no Chromium).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from playwright.sync_api import Browser, Page
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHROMIUM = "/usr/bin/chromium"  # Debian's `chromium` package; playwright cannot download here
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+VIEWPORT = {"width": 1280, "height": 900}
+PAGE_TIMEOUT_MS = 30_000
+IMAGE_TIMEOUT_MS = 10_000
+IDLE_TIMEOUT_MS = 5_000
+SOURCE_SUFFIXES = (".ipynb", ".md", ".rst", ".py")
+
+# myst-nb 1.4 renders an error output as <div class="output traceback ...">; the other selectors
+# cover nbconvert-style markup (.output_error) and a generic .output.error.
+CELL_ERROR_JS = """() => {
+  const hits = new Set([...document.querySelectorAll(
+      '.output.traceback, .output.error, .output_error, .cell_output .traceback')]);
+  for (const el of document.querySelectorAll('.cell_output, .output_area, .output')) {
+    if (el.textContent.includes('Traceback (most recent call last)')
+        && !el.querySelector('.cell_output, .output_area, .output')) hits.add(el);
+  }
+  const outer = [...hits].filter(el => ![...hits].some(o => o !== el && o.contains(el)));
+  return outer.map(el => {
+    const text = (el.querySelector('pre') || el).textContent;  // not the copy button's label
+    const lines = text.split('\\n').map(s => s.trim()).filter(Boolean);
+    return lines.length ? lines[lines.length - 1] : '(empty traceback)';
+  });
+}"""
+
+STDERR_JS = "() => document.querySelectorAll('.cell_output .output.stderr').length"
+
+# Force lazy images to load, then wait until each one decodes (or fails, or times out).
+IMAGES_JS = """async (timeoutMs) => {
+  const imgs = [...document.images];
+  imgs.forEach(img => { if (img.loading === 'lazy') img.loading = 'eager'; });
+  return Promise.all(imgs.map(async img => {
+    let decoded = true;
+    try {
+      await Promise.race([img.decode(), new Promise((_, reject) =>
+          setTimeout(() => reject(new Error('timeout')), timeoutMs))]);
+    } catch (e) { decoded = false; }
+    const url = img.currentSrc || img.src;
+    const svg = /\\.svg([?#]|$)/i.test(url) || url.startsWith('data:image/svg');
+    return {url: url, attr: img.getAttribute('src') || '',
+            ok: decoded && (img.naturalWidth > 0 || svg)};
+  }));
+}"""
+
+LINKS_JS = """() => [...document.querySelectorAll('a[href]')].map(
+    a => ({href: a.getAttribute('href'), url: a.href}))"""
+
+ELEMENT_EXISTS_JS = """(name) => !!document.getElementById(name)
+    || document.getElementsByName(name).length > 0"""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing a reader would notice: ``page`` (toc path), ``kind``, human-readable ``detail``."""
+
+    page: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"PROBLEM {self.page}: {self.kind}: {self.detail}"
+
+
+@dataclass
+class PageResult:
+    """What was seen on one page (counts feed the summary table)."""
+
+    page: str
+    seconds: float = 0.0
+    images: int = 0
+    links: int = 0
+    stderr_outputs: int = 0
+    screenshot: Path | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+class InputError(Exception):
+    """Bad command-line input (missing folder/file, malformed toc, no browser): exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------- toc
+def toc_pages(toc_file: Path) -> list[str]:
+    """Document paths (no suffix, root first, in order) listed in a Jupyter Book 1.x ``_toc.yml``."""
+    if not toc_file.is_file():
+        raise InputError(f"{toc_file}: table of contents not found (expected a _toc.yml file)")
+    try:
+        toc = yaml.safe_load(toc_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{toc_file}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(toc, dict) or not isinstance(toc.get("root"), str):
+        raise InputError(f"{toc_file}: expected a mapping with a 'root' document path")
+
+    pages: list[str] = []
+
+    def add(path: str) -> None:
+        for suffix in SOURCE_SUFFIXES:
+            if path.endswith(suffix):
+                path = path[: -len(suffix)]
+        if path not in pages:
+            pages.append(path)
+
+    def walk(entries: object) -> None:
+        for entry in entries or []:
+            if isinstance(entry, dict):
+                if isinstance(entry.get("file"), str):
+                    add(entry["file"])
+                walk(entry.get("sections"))
+                walk(entry.get("chapters"))
+                walk(entry.get("parts"))
+                for sub in entry.get("subtrees") or []:
+                    walk(sub.get("entries") if isinstance(sub, dict) else None)
+
+    add(toc["root"])
+    walk([toc])
+    return pages
+
+
+# ------------------------------------------------------------------------------------- server
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        pass
+
+
+class LocalServer:
+    """Serve ``directory`` on 127.0.0.1 (free port) from a background thread; use as a context."""
+
+    def __init__(self, directory: Path) -> None:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "LocalServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+# -------------------------------------------------------------------------------------- links
+class _AnchorParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for key, value in attrs:
+            if value and (key == "id" or (key == "name" and tag == "a")):
+                self.names.add(value)
+
+
+@functools.lru_cache(maxsize=None)
+def anchors_in(html_file: Path) -> frozenset[str]:
+    """Every ``id`` (and ``<a name>``) in a static HTML file."""
+    parser = _AnchorParser()
+    parser.feed(html_file.read_text(encoding="utf-8", errors="replace"))
+    return frozenset(parser.names)
+
+
+def local_target(html_dir: Path, url_path: str) -> Path | None:
+    """The file under ``html_dir`` that a same-site URL path resolves to, or None if there is none."""
+    target = (html_dir / unquote(url_path).lstrip("/")).resolve()
+    if url_path.endswith("/") or target.is_dir():
+        target = target / "index.html"
+    if not target.is_relative_to(html_dir.resolve()) or not target.is_file():
+        return None
+    return target
+
+
+# -------------------------------------------------------------------------------------- check
+def image_problems(tab: Page, same_site: Callable[[str], bool]) -> tuple[int, list[tuple[str, str]]]:
+    """(number of same-site images, [(src attribute, url)] of those that did not load)."""
+    images = [im for im in tab.evaluate(IMAGES_JS, IMAGE_TIMEOUT_MS)
+              if same_site(im["url"]) or im["url"].startswith("data:") or not im["url"]]
+    return len(images), [(im["attr"], im["url"]) for im in images if not im["ok"]]
+
+
+def link_problems(tab: Page, same_site: Callable[[str], bool], html_dir: Path,
+                  html_file: Path) -> tuple[int, list[str]]:
+    """(number of links, details of same-site links whose file or anchor does not exist)."""
+    links = tab.evaluate(LINKS_JS)
+    resolved = {link["href"]: link["url"] for link in links
+                if link["href"] and same_site(link["url"])}
+    broken = []
+    for href, url in sorted(resolved.items()):
+        parts = urlsplit(url)
+        target = local_target(html_dir, parts.path)
+        if target is None:
+            broken.append(f"{href} (no such file)")
+            continue
+        name = unquote(parts.fragment)
+        if not name or target.suffix != ".html" or name in anchors_in(target):
+            continue
+        if target == html_file.resolve() and tab.evaluate(ELEMENT_EXISTS_JS, name):
+            continue  # an id added by the page's own scripts
+        broken.append(f"{href} (no element with id '{name}' in {target.name})")
+    return len(links), broken
+
+
+def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: Path) -> PageResult:
+    """Visit one toc page as a first-time reader (fresh profile: no localStorage from other pages)
+    and collect its problems (see module docstring)."""
+    result = PageResult(page)
+    start = time.perf_counter()
+
+    def say(kind: str, detail: str) -> None:
+        result.problems.append(Problem(page, kind, detail))
+
+    def same_site(url: str) -> bool:
+        return url.startswith(origin + "/")
+
+    html_file = html_dir / f"{page}.html"
+    if not html_file.is_file():
+        say("missing page", f"{page}.html is not in the HTML folder (listed in the toc)")
+        return result
+
+    failed: dict[str, str] = {}
+    console: list = []
+    broken_images: list[tuple[str, str]] = []
+    context = browser.new_context(viewport=VIEWPORT)
+    context.route("**/*", lambda route: route.continue_()
+                  if same_site(route.request.url) else route.abort())  # other hosts: blocked
+    tab = context.new_page()
+    tab.on("pageerror", lambda exc: say("page error", first_line(
+        f"{exc.name}: {exc.message}" if exc.name else exc.message)))
+    tab.on("console", lambda msg: console.append(msg) if msg.type == "error" else None)
+    tab.on("response", lambda r: failed.setdefault(r.url, f"HTTP {r.status}")
+           if r.status >= 400 and same_site(r.url) else None)
+    tab.on("requestfailed", lambda r: failed.setdefault(r.url, r.failure or "failed")
+           if same_site(r.url) and "ERR_ABORTED" not in (r.failure or "") else None)
+    try:
+        response = tab.goto(f"{origin}/{page}.html", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+        if response is None or response.status >= 400:
+            say("missing page", f"{page}.html answered {response.status if response else 'nothing'}")
+        try:
+            tab.wait_for_load_state("networkidle", timeout=IDLE_TIMEOUT_MS)
+        except PlaywrightTimeout:  # still busy after the grace period: check what has rendered
+            pass
+        result.images, broken_images = image_problems(tab, same_site)
+        for attr, url in broken_images:
+            say("broken image", f"{attr[:120] or '(no src)'} "
+                                f"({failed.get(url, 'did not decode, naturalWidth 0')})")
+        for line in tab.evaluate(CELL_ERROR_JS):
+            say("cell error output", line[:300])
+        result.stderr_outputs = tab.evaluate(STDERR_JS)
+        result.links, broken_links = link_problems(tab, same_site, html_dir, html_file)
+        for detail in broken_links:
+            say("broken link", detail)
+        result.screenshot = shots / f"{page.replace('/', '-')}.png"
+        write_atomic(result.screenshot, tab.screenshot(full_page=True))
+    except PlaywrightError as exc:  # a page that cannot be loaded or inspected is a problem too
+        say("page failed to load", f"{exc.__class__.__name__}: {first_line(str(exc))}")
+    finally:
+        context.close()
+
+    skip = {url for _, url in broken_images} | {f"{origin}/{page}.html"}
+    for url, why in sorted(failed.items()):
+        if url not in skip:
+            say("resource failed", f"{url[len(origin):]} ({why})")
+    for msg in console:
+        # "Failed to load resource" repeats what the network events report (and the browser's
+        # implicit /favicon.ico probe); errors raised by scripts from other hosts do not count.
+        where = (msg.location or {}).get("url", "")
+        if msg.text.startswith("Failed to load resource") or (where and not same_site(where)):
+            continue
+        say("console error", first_line(msg.text) or "(empty message)")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def first_line(text: str) -> str:
+    """The first line of ``text``, cut to 300 characters (problem lines stay one line)."""
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; screenshots are for people to open
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_site(html_dir: Path, toc_file: Path, shots: Path,
+               chromium: str = DEFAULT_CHROMIUM) -> list[PageResult]:
+    """Check every toc page of the built book in ``html_dir``; one :class:`PageResult` per page."""
+    if not html_dir.is_dir():
+        raise InputError(f"{html_dir}: HTML folder not found (build the book first: make book)")
+    pages = toc_pages(toc_file)
+    if not Path(chromium).is_file():
+        raise InputError(f"{chromium}: Chromium not found (install it: apt-get install -y chromium)")
+
+    with LocalServer(html_dir) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            return [check_page(browser, server.origin, html_dir, page, shots) for page in pages]
+        finally:
+            browser.close()
+
+
+def summary_table(results: list[PageResult]) -> str:
+    """A fixed-width table: one row per page with counts, time and verdict."""
+    width = max([len("page")] + [len(r.page) for r in results])
+    head = (f"{'page':<{width}}  {'verdict':<7}  {'problems':>8}  {'images':>6}  {'links':>5}  "
+            f"{'stderr':>6}  {'seconds':>7}")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(f"{r.page:<{width}}  {'FAIL' if r.problems else 'ok':<7}  {len(r.problems):>8}  "
+                    f"{r.images:>6}  {r.links:>5}  {r.stderr_outputs:>6}  {r.seconds:>7.1f}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html",
+                        help="built HTML folder (default: _build/html)")
+    parser.add_argument("--toc", type=Path, default=ROOT / "_toc.yml",
+                        help="table of contents listing the pages (default: _toc.yml)")
+    parser.add_argument("--screenshots", type=Path, default=None,
+                        help="where page screenshots go (default: <html>/../screenshots)")
+    parser.add_argument("--chromium", default=DEFAULT_CHROMIUM,
+                        help=f"Chromium executable (default: {DEFAULT_CHROMIUM})")
+    args = parser.parse_args(argv)
+    shots = args.screenshots or args.html.parent / "screenshots"
+    start = time.perf_counter()
+    try:
+        results = check_site(args.html, args.toc, shots, args.chromium)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problems = [p for r in results for p in r.problems]
+    for problem in problems:
+        print(problem)
+    print(summary_table(results))
+    elapsed = time.perf_counter() - start
+    if problems:
+        pages = len({p.page for p in problems})
+        print(f"FAILED: {len(problems)} problem(s) on {pages} of {len(results)} page(s) "
+              f"({elapsed:.1f} s); screenshots in {shots}")
+        return 1
+    print(f"OK: {len(results)} page(s) checked in {elapsed:.1f} s; screenshots in {shots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""scripts/check_rendered_book.py against tiny hand-made sites: it must report exactly the planted
+problems, pass a clean site, and refuse bad input with exit status 2.
+
+Needs Debian's Chromium (`apt-get install -y chromium`); without it these tests fail, never skip.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "check_rendered_book.py"
+_spec = importlib.util.spec_from_file_location("check_rendered_book", SCRIPT)
+crb = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(crb)
+
+SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><circle cx="5" cy="5" r="4"/></svg>'
+MYST_NB_TRACEBACK = """
+<div class="cell docutils container"><div class="cell_output docutils container">
+<div class="output traceback highlight-ipythontb notranslate"><div class="highlight"><pre>
+Traceback (most recent call last)
+Cell In[1], line 1
+----&gt; 1 1/0
+ZeroDivisionError: division by zero
+</pre><button class="copybtn" data-tooltip="Copy">Copy to clipboard</button></div></div>
+</div></div>"""
+
+GOOD_BODY = """
+<h1 id="good">A good page</h1>
+<p>Prose may quote "Traceback (most recent call last)" without being an error output.</p>
+<img src="../_images/ok.png" alt="png"> <img src="../_images/ok.svg" alt="svg">
+<img src="../_images/ok.png" loading="lazy" style="margin-top:2000px" alt="lazy">
+<img src="https://example.invalid/badge.png" alt="external, blocked, ignored">
+<a href="other.html">other page</a> <a href="other.html#part-2">anchor on another page</a>
+<a href="#good">own anchor</a> <a href="#">top</a> <a href="#made-by-js">id added by a script</a>
+<a href="../_static/notes.txt">a static file</a> <a href="../book/">folder with index.html</a>
+<a href="https://example.invalid/">external</a> <a href="mailto:someone@example.invalid">mail</a>
+<div class="cell_output docutils container"><div class="output stderr"><pre>UserWarning: fine</pre></div></div>
+<script src="../_static/ok.js"></script>
+<script src="https://cdn.example.invalid/lib.js"></script>
+<script>console.log("a log line is fine"); console.warn("so is a warning");
+  const el = document.createElement("span"); el.id = "made-by-js"; document.body.append(el);</script>
+"""
+OTHER_BODY = '<h1>Other</h1><h2 id="part-2">Part 2</h2><a href="good.html">back</a>'
+
+BAD_PAGES = {
+    "error": MYST_NB_TRACEBACK,
+    "broken-image": '<img src="../_images/missing.png"><img src="../_images/corrupt.png">',
+    "broken-link": '<a href="nowhere.html">x</a> <a href="good.html#no-such-anchor">y</a>',
+    "console-error": '<script>console.error("boom from the page")</script>',
+    "page-error": '<script>throw new Error("uncaught on purpose")</script>',
+    "missing-resource": '<p>text</p><script src="../_static/missing.js"></script>',
+}
+EXPECTED_BAD = sorted([
+    "PROBLEM book/error: cell error output: ZeroDivisionError: division by zero",
+    "PROBLEM book/broken-image: broken image: ../_images/missing.png (HTTP 404)",
+    "PROBLEM book/broken-image: broken image: ../_images/corrupt.png "
+    "(did not decode, naturalWidth 0)",
+    "PROBLEM book/broken-link: broken link: nowhere.html (no such file)",
+    "PROBLEM book/broken-link: broken link: good.html#no-such-anchor "
+    "(no element with id 'no-such-anchor' in good.html)",
+    "PROBLEM book/console-error: console error: boom from the page",
+    "PROBLEM book/page-error: page error: Error: uncaught on purpose",
+    "PROBLEM book/missing-resource: resource failed: /_static/missing.js (HTTP 404)",
+    "PROBLEM book/missing: missing page: book/missing.html is not in the HTML folder "
+    "(listed in the toc)",
+])
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(crb.DEFAULT_CHROMIUM).is_file():
+        pytest.fail(f"{crb.DEFAULT_CHROMIUM} missing: the render check needs Debian's Chromium "
+                    "(apt-get update && apt-get install -y chromium)")
+    return crb.DEFAULT_CHROMIUM
+
+
+def page(body: str) -> str:
+    head = '<head><meta charset="utf-8"><title>t</title></head>'
+    return f"<!DOCTYPE html><html>{head}<body>{body}</body></html>"
+
+
+def make_site(root: Path, pages: dict[str, str]) -> tuple[Path, Path]:
+    """Write ``root/html/book/<name>.html`` for each page plus assets; the toc lists good, other,
+    every page given and ``book/missing`` when it is in ``pages`` as None. Returns (html, toc)."""
+    html = root / "html"
+    (html / "book").mkdir(parents=True)
+    (html / "_images").mkdir()
+    (html / "_static").mkdir()
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(html / "_images" / "ok.png")
+    (html / "_images" / "ok.svg").write_text(SVG)
+    (html / "_images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (html / "_static" / "ok.js").write_text("window.okLoaded = true;")
+    (html / "_static" / "notes.txt").write_text("notes")
+    (html / "book" / "index.html").write_text(page("<p>folder index</p>"))
+    for name, body in pages.items():
+        if body is not None:
+            (html / "book" / f"{name}.html").write_text(page(body))
+    chapters = "".join(f"      - file: book/{name}\n" for name in pages if name != "good")
+    toc = root / "_toc.yml"
+    toc.write_text(f"format: jb-book\nroot: book/good\nparts:\n  - caption: Part\n"
+                   f"    chapters:\n{chapters}")
+    return html, toc
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> None:
+    pages = {"good": GOOD_BODY, "other": OTHER_BODY, **BAD_PAGES, "missing": None}
+    html, toc = make_site(tmp_path, pages)
+    shots = tmp_path / "shots"
+    proc = run("--html", str(html), "--toc", str(toc), "--screenshots", str(shots))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
+    assert problems == EXPECTED_BAD, proc.stdout
+    assert "FAILED: 9 problem(s) on 7 of 9 page(s)" in proc.stdout
+    table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
+             if line.startswith("book/")}
+    assert table["book/good"] == "ok" and table["book/other"] == "ok"
+    assert table["book/error"] == "FAIL" and table["book/missing"] == "FAIL"
+    assert not (shots / "book-missing.png").exists()
+    assert (shots / "book-error.png").is_file()
+
+
+def test_clean_site_passes_with_screenshots(tmp_path: Path, chromium: str) -> None:
+    html, toc = make_site(tmp_path, {"good": GOOD_BODY, "other": OTHER_BODY})
+    proc = run("--html", str(html), "--toc", str(toc))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PROBLEM" not in proc.stdout
+    assert "OK: 2 page(s) checked" in proc.stdout
+    good = next(line.split() for line in proc.stdout.splitlines() if line.startswith("book/good"))
+    # columns: verdict, problems, images (3 same-site), links (9), stderr outputs (1)
+    assert good[1:6] == ["ok", "0", "3", "9", "1"], good
+    for name in ("book-good", "book-other"):  # default folder: <html>/../screenshots
+        with Image.open(tmp_path / "screenshots" / f"{name}.png") as shot:
+            assert shot.width == crb.VIEWPORT["width"]
+            assert len(set(shot.convert("L").getdata())) > 2, f"{name} screenshot is blank"
+    with Image.open(tmp_path / "screenshots" / "book-good.png") as shot:
+        assert shot.height > 2000, "screenshot is not full-page (the lazy image sits 2000px down)"
+
+
+def test_toc_pages_walks_parts_chapters_and_sections(tmp_path: Path) -> None:
+    toc = tmp_path / "_toc.yml"
+    toc.write_text("format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+                   "      - file: book/01-a.ipynb\n        sections:\n          - file: book/01b\n"
+                   "          - url: https://example.invalid\n  - caption: B\n    chapters:\n"
+                   "      - file: book/02-b\n")
+    assert crb.toc_pages(toc) == ["book/intro", "book/01-a", "book/01b", "book/02-b"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no-html", "HTML folder not found"),
+    ("bad-toc", "expected a mapping with a 'root' document path"),
+    ("no-toc", "table of contents not found"),
+    ("no-chromium", "Chromium not found"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, expected: str) -> None:
+    html, toc = make_site(tmp_path, {"good": OTHER_BODY})
+    args = {"no-html": ["--html", str(tmp_path / "nope")],
+            "bad-toc": ["--toc", str(tmp_path / "bad.yml")],
+            "no-toc": ["--toc", str(tmp_path / "absent.yml")],
+            "no-chromium": ["--chromium", str(tmp_path / "no-browser")]}[case]
+    (tmp_path / "bad.yml").write_text("- just\n- a list\n")
+    base = {"--html": str(html), "--toc": str(toc)}
+    base.update(dict(zip(args[::2], args[1::2])))
+    proc = run(*[x for kv in base.items() for x in kv])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
