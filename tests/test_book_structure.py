@@ -65,5 +65,5 @@ def test_chapter_is_committed_executed_and_clean(path):
     assert not [o for o in outputs if o["output_type"] == "error"], f"{path.name}: stored error output"
     paths = MACHINE_PATH.findall(json.dumps(outputs))
     assert not paths, f"{path.name}: outputs name machine paths, e.g. {paths[:2]}"
-    setup_out = "".join(o.get("text", "") for o in code[0].get("outputs", []))
+    setup_out = "".join("".join(o.get("text", "")) for o in code[0].get("outputs", []))
     assert "profile: offline" in setup_out, f"{path.name}: committed outputs are not from the offline profile"

@@ -1,0 +1,52 @@
+"""Deterministic grouped, stratified splits (patients or reports never cross a split)."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Hashable, Mapping, Sequence
+
+
+def _targets(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder rounding of ``n * fraction`` so the counts add up to ``n``."""
+    raw = {k: n * f for k, f in fractions.items()}
+    out = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: out[k] - raw[k])[: n - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def grouped_split(
+    groups: Sequence[Hashable],
+    fractions: Mapping[str, float],
+    seed: int,
+    strata: Sequence[Hashable] | None = None,
+) -> dict[str, list[int]]:
+    """Assign item indices to splits; items sharing a group land in the same split.
+
+    ``groups[i]`` is item i's group (patient, report), ``strata[i]`` its class (a group takes
+    the class of its first item). Within each class the groups are shuffled with ``seed``,
+    ordered largest first, and each goes to the split furthest below its target count
+    ``fraction * n_items`` (rounded so the targets add up).
+    Returns ``{split: sorted item indices}``.
+    """
+    if abs(sum(fractions.values()) - 1.0) > 1e-9:
+        raise ValueError(f"split fractions {dict(fractions)} must add up to 1")
+    strata = strata if strata is not None else [0] * len(groups)
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    group_class: dict[Hashable, Hashable] = {}
+    for i, (g, s) in enumerate(zip(groups, strata)):
+        members[g].append(i)
+        group_class.setdefault(g, s)
+    rng = random.Random(seed)
+    out: dict[str, list[int]] = {k: [] for k in fractions}
+    for cls in sorted(set(group_class.values()), key=repr):
+        cls_groups = sorted((g for g, c in group_class.items() if c == cls), key=repr)
+        rng.shuffle(cls_groups)
+        cls_groups.sort(key=lambda g: -len(members[g]))  # big groups first, singles fill up exactly
+        target = _targets(sum(len(members[g]) for g in cls_groups), fractions)
+        count = dict.fromkeys(fractions, 0)
+        for g in cls_groups:
+            split = max(fractions, key=lambda k: (target[k] - count[k], fractions[k]))
+            out[split].extend(members[g])
+            count[split] += len(members[g])
+    return {k: sorted(v) for k, v in out.items()}
