@@ -1,0 +1,112 @@
+"""Put LoRA / SeLoRA adapters into any torch model's ``nn.Linear`` layers (paper Sec. 4.1)."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from selora.layers import LoRALinear, RowInit, SeLoRALinear
+
+#: Target presets. Module names are those of diffusers 0.42 ``UNet2DConditionModel`` and
+#: transformers 5.x ``CLIPTextModel``.
+PRESETS: dict[str, tuple[str, ...]] = {
+    # every nn.Linear of the model
+    "all-linear": (r".*",),
+    # the paper: every linear layer of the UNet (attn1/attn2 to_q/to_k/to_v/to_out.0, GEGLU
+    # ff.net.0.proj, ff.net.2, proj_in/proj_out when use_linear_projection, time_emb_proj,
+    # time_embedding.linear_1/2)
+    "paper-unet": (r".*",),
+    # the paper: every linear layer of the CLIP text encoder (q/k/v/out_proj, mlp.fc1/fc2)
+    "paper-text-encoder": (r".*",),
+    # what the authors' released code adapted in the UNet
+    "authors-unet": ("to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj"),
+}
+
+KINDS: dict[str, type[LoRALinear]] = {"selora": SeLoRALinear, "lora": LoRALinear}
+
+
+def matches(name: str, target: str) -> bool:
+    """Whether module ``name`` matches ``target``: equal, ends with ``"." + target``, or regex full match."""
+    if name == target or name.endswith("." + target):
+        return True
+    try:
+        return re.fullmatch(target, name) is not None
+    except re.error:
+        return False
+
+
+def _targets(targets: str | Sequence[str]) -> tuple[list[str], bool]:
+    """Resolve a preset name or a list of targets; returns (patterns, is_preset)."""
+    if isinstance(targets, str):
+        if targets not in PRESETS:
+            raise ValueError(
+                f"targets: unknown preset {targets!r}; expected one of {', '.join(PRESETS)} or a list of names"
+            )
+        return list(PRESETS[targets]), True
+    patterns = list(targets)
+    if not patterns or not all(isinstance(t, str) and t for t in patterns):
+        raise ValueError(f"targets: expected a preset name or a non-empty list of strings, got {targets!r}")
+    return patterns, False
+
+
+def inject(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    kind: str = "selora",
+    rank: int | None = None,
+    scale: float = 1.0,
+    init: RowInit | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, LoRALinear]:
+    """Replace the matching ``nn.Linear`` modules of ``model`` in place by adapters; freeze the rest.
+
+    Args:
+        model: any torch module (a diffusers UNet, a CLIP text encoder, a toy MLP).
+        targets: a preset (``"all-linear"``, ``"paper-unet"``, ``"paper-text-encoder"``,
+            ``"authors-unet"``) or a list of strings; a string matches a module whose qualified
+            name equals it, ends with ``"." + it``, or full-matches it as a regex. Each listed
+            string must match at least one ``nn.Linear``.
+        kind: ``"selora"`` (:class:`SeLoRALinear`) or ``"lora"`` (:class:`LoRALinear`).
+        rank: initial rank; default 1 for SeLoRA and 4 for LoRA.
+        scale: the adapters' fixed ``scaling``.
+        init, generator: row initialiser and CPU generator for ``lora_A`` (see :mod:`selora.layers`).
+
+    Returns ``{qualified name: adapter}`` in model order. Afterwards only the adapters'
+    ``lora_A``/``lora_B`` require grad. A linear module reachable under several names is wrapped
+    once and the wrapper is installed under every name (listed under the first).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear")
+    patterns, is_preset = _targets(targets)
+    if rank is None:
+        rank = 1 if kind == "selora" else 4
+    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # never wrap twice
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapted}
+    hits = {p: {n for n in linear if matches(n, p)} for p in patterns}
+    chosen = [n for n in linear if any(n in names for names in hits.values())]
+    missing = [p for p, names in hits.items() if not names]
+    if not chosen or (missing and not is_preset):
+        sample = ", ".join(list(linear)[:6]) or "none (the model has no nn.Linear)"
+        what = f"preset {targets!r}" if is_preset else f"target(s) {missing}"
+        raise ValueError(f"inject: {what} matched no nn.Linear module; available names include: {sample}")
+
+    existing = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():
+        if id(p) not in existing:  # freeze everything but adapters (earlier ones keep their flag)
+            p.requires_grad_(False)
+    cls = KINDS[kind]
+    wrapped: dict[int, LoRALinear] = {}
+    for name in chosen:
+        base = linear[name]
+        if id(base) not in wrapped:
+            wrapped[id(base)] = cls(base, rank=rank, scale=scale, init=init, generator=generator)
+    # install under every name, also the duplicate names that named_modules() hides
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):  # named_children() hides duplicates
+            if id(child) in wrapped and isinstance(child, nn.Linear):
+                setattr(parent, child_name, wrapped[id(child)])
+    return {name: wrapped[id(linear[name])] for name in chosen}
