@@ -8,6 +8,9 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export SELORA_PROFILE ?= offline
 export PYTHONHASHSEED := 0
+# Chapters are committed executed with one torch thread; run them the same way so float
+# reductions (and the controller decisions they feed) match the stored outputs.
+export SELORA_THREADS ?= 1
 
 .PHONY: install test test-unit test-book book check-book execute bench clean
 

@@ -1,0 +1,331 @@
+"""Small, fast problems the theory chapters share: planted-rank regressions and a training loop.
+
+Everything here runs on CPU in seconds. A *planted-rank* task is a frozen linear layer ``W0``
+and a target ``y = x (W0 + Δ)ᵀ + b0 (+ noise)`` where the update ``Δ`` has a known rank: a LoRA
+adapter of rank ≥ rank(Δ) can fit it exactly, a smaller one cannot. Shapes follow torch's
+``nn.Linear``: weights are (out_features, in_features), inputs (N, in_features).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "PlantedTask",
+    "PlantedStack",
+    "TrainLog",
+    "planted_delta",
+    "planted_task",
+    "planted_stack",
+    "train",
+    "mse",
+    "lora_param_count",
+    "LinearShapes",
+    "sd15_linear_shapes",
+    "score_once",
+    "PlantedRun",
+    "planted_run",
+    "rms_matched_rows",
+    "step_times",
+]
+
+
+def planted_delta(out_features: int, in_features: int, rank: int, *, generator: torch.Generator,
+                  top: float = 1.0, bottom: float = 0.5, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A random matrix (out, in) of exactly ``rank`` with singular values linearly from top to bottom.
+
+    ``U diag(s) Vᵀ`` with orthonormal U (out, rank), V (in, rank) from QR of Gaussian matrices.
+    """
+    if not 0 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank={rank}: expected 0 <= rank <= min({out_features}, {in_features})")
+    if rank == 0:
+        return torch.zeros(out_features, in_features, dtype=dtype)
+    u, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_features, rank, generator=generator, dtype=torch.float64))
+    s = torch.linspace(top, bottom, rank, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype)
+
+
+@dataclass
+class PlantedTask:
+    """A frozen layer, a planted low-rank update and a data set drawn from it.
+
+    base: frozen ``nn.Linear`` (W0, b0); delta: (out, in) planted update;
+    x: (N, in) inputs; y: (N, out) targets ``base(x) + x Δᵀ + noise``.
+    """
+
+    base: nn.Linear
+    delta: Tensor
+    x: Tensor
+    y: Tensor
+
+
+def _frozen_linear(in_features: int, out_features: int, generator: torch.Generator,
+                   dtype: torch.dtype) -> nn.Linear:
+    base = nn.Linear(in_features, out_features, dtype=dtype)
+    with torch.no_grad():
+        bound = in_features ** -0.5
+        base.weight.uniform_(-bound, bound, generator=generator)
+        base.bias.uniform_(-bound, bound, generator=generator)
+    base.requires_grad_(False)
+    return base
+
+
+def planted_task(in_features: int = 32, out_features: int = 32, rank: int = 4, n: int = 512, *,
+                 noise: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> PlantedTask:
+    """Draw a :class:`PlantedTask` reproducibly from ``seed`` (inputs are standard Gaussian)."""
+    if n < 1:
+        raise ValueError(f"n={n}: expected at least one sample")
+    g = torch.Generator().manual_seed(seed)
+    base = _frozen_linear(in_features, out_features, g, dtype)
+    delta = planted_delta(out_features, in_features, rank, generator=g, dtype=dtype)
+    x = torch.randn(n, in_features, generator=g, dtype=dtype)
+    with torch.no_grad():
+        y = base(x) + x @ delta.T + noise * torch.randn(n, out_features, generator=g, dtype=dtype)
+    return PlantedTask(base, delta, x, y)
+
+
+class PlantedStack(nn.Module):
+    """Independent linear layers side by side: input (N, L·d) is split into L chunks of d.
+
+    ``layers[j]`` maps chunk j (N, d) to output chunk j (N, d); the output is (N, L·d). The
+    layers are registered as ``layer0``, ``layer1``, ... so ``selora.inject`` can target them.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], width: int):
+        super().__init__()
+        self.width = width
+        for j, layer in enumerate(layers):
+            self.add_module(f"layer{j}", layer)
+        self.names = [f"layer{j}" for j in range(len(layers))]
+
+    def forward(self, x: Tensor) -> Tensor:
+        chunks = x.split(self.width, dim=-1)
+        return torch.cat([getattr(self, n)(c) for n, c in zip(self.names, chunks)], dim=-1)
+
+
+def planted_stack(ranks: Sequence[int], width: int = 32, n: int = 512, *, noise: float = 0.0,
+                  seed: int = 0, dtype: torch.dtype = torch.float32
+                  ) -> tuple[PlantedStack, Tensor, Tensor, list[Tensor]]:
+    """``len(ranks)`` independent planted tasks of width ``width`` stacked into one model.
+
+    Returns (model with frozen ``nn.Linear`` layers, x (N, L·width), y (N, L·width), deltas).
+    """
+    tasks = [planted_task(width, width, r, n, noise=noise, seed=seed + 1000 * j, dtype=dtype)
+             for j, r in enumerate(ranks)]
+    model = PlantedStack([t.base for t in tasks], width)
+    return (model, torch.cat([t.x for t in tasks], -1), torch.cat([t.y for t in tasks], -1),
+            [t.delta for t in tasks])
+
+
+def mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Mean squared error of ``model(x)`` against ``y`` (no gradient)."""
+    with torch.no_grad():
+        return float(((model(x) - y) ** 2).mean())
+
+
+@dataclass
+class TrainLog:
+    """What :func:`train` records per step: minibatch losses and, with a controller, its decisions."""
+
+    losses: list[float] = field(default_factory=list)
+    decisions: list[tuple[int, list]] = field(default_factory=list)
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, steps: int, *,
+          batch_size: int | None = None, seed: int = 0, controller: object | None = None,
+          on_step: Callable[[int, nn.Module], None] | None = None) -> TrainLog:
+    """Minimise the MSE of ``model(x)`` against ``y`` for ``steps`` steps.
+
+    x: (N, in), y: (N, out). Minibatches of ``batch_size`` rows are drawn with a generator seeded
+    by ``seed`` (full batch when None). The loop is the one the controller expects:
+    ``loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()``.
+    ``on_step(step, model)`` runs after every step (step counts from 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    log = TrainLog()
+    for step in range(1, steps + 1):
+        if batch_size is None:
+            xb, yb = x, y
+        else:
+            idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
+            xb, yb = x[idx], y[idx]
+        loss = ((model(xb) - yb) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        if controller is not None:
+            decisions = controller.step()
+            if decisions:
+                log.decisions.append((step, decisions))
+        optimizer.zero_grad()
+        log.losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, model)
+    return log
+
+
+def lora_param_count(in_features: int, out_features: int, rank: int) -> int:
+    """Trainable parameters of a rank-``rank`` adapter on an (in → out) layer: r·(in + out)."""
+    return rank * (in_features + out_features)
+
+
+@dataclass
+class LinearShapes:
+    """Every ``nn.Linear`` of a model as (name, in_features, out_features), and its total size."""
+
+    linears: list[tuple[str, int, int]]
+    total_params: int
+
+
+def sd15_linear_shapes(component: str = "unet") -> LinearShapes:
+    """The linear layers of Stable Diffusion v1.5's UNet or text encoder, and its parameter count.
+
+    ``component`` is ``"unet"`` (UNet2DConditionModel with SD-1.5's config) or
+    ``"text-encoder"`` (CLIP ViT-L/14 text model). The models are built on the meta device from
+    their configs: no weights, no download, no memory.
+    """
+    with torch.device("meta"):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        elif component == "text-encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            model = CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                hidden_act="quick_gelu"))
+        else:
+            raise ValueError(f"component={component!r}: expected 'unet' or 'text-encoder'")
+    return LinearShapes([(n, m.in_features, m.out_features) for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear)], sum(p.numel() for p in model.parameters()))
+
+
+def score_once(model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+               ) -> tuple[dict[str, object], dict[str, Tensor]]:
+    """Score every SeLoRA layer of ``model`` on one batch, without expanding anything.
+
+    Runs one forward/backward of the MSE of ``model(x)`` against ``y`` (x: (N, ...), y: (N, ...))
+    under an :class:`selora.ExpansionController` that tests on its first step and may not grow
+    (``max_rank=1``). Returns ``({name: Decision}, {name: the candidate K (1, in) it scored})``;
+    gradients are cleared afterwards and the model is left as it was.
+    """
+    from selora.expansion import ExpansionController
+
+    ctl = ExpansionController(model, None, threshold=1.0, interval=1, max_rank=1, generator=generator)
+    try:
+        candidates = {name: c.K.detach().clone() for name, c in ctl.captures.items()}
+        ((model(x) - y) ** 2).mean().backward()
+        decisions = {d.name: d for d in ctl.step()}
+    finally:
+        ctl.close()
+        model.zero_grad(set_to_none=True)
+    return decisions, candidates
+
+
+@dataclass
+class PlantedRun:
+    """Outcome of :func:`planted_run`: ranks after every test step, final loss, adapter size.
+
+    test_steps: steps at which the controller tested; ranks: layer → rank after each of those
+    steps; decisions: every test step's decisions; losses: minibatch loss per step.
+    """
+
+    test_steps: list[int]
+    ranks: dict[str, list[int]]
+    final_mse: float
+    trainable: int
+    decisions: list[tuple[int, list]]
+    losses: list[float]
+
+
+def planted_run(planted: Sequence[int], *, kind: str = "selora", rank: int | Sequence[int] = 1,
+                threshold: float = 1.1, interval: int = 40, max_rank: int | None = None,
+                steps: int = 1200, width: int = 32, n: int = 1024, noise: float = 0.0,
+                lr: float = 0.01, batch_size: int = 64, seed: int = 0,
+                init: Callable[[nn.Module], Callable] | None = None) -> PlantedRun:
+    """Train adapters on a :func:`planted_stack` with planted ranks ``planted``.
+
+    ``kind="selora"``: every layer starts at rank ``rank`` and an ExpansionController
+    (``threshold``, ``interval``, ``max_rank``) grows it. ``kind="lora"``: fixed ranks, ``rank``
+    an int or one rank per layer. ``init(layer)`` may return a row initialiser for K
+    (``selora.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
+    """
+    from selora.expansion import ExpansionController
+    from selora.layers import LoRALinear, SeLoRALinear, num_trainable, trainable_parameters
+
+    if kind not in ("selora", "lora"):
+        raise ValueError(f"kind={kind!r}: expected 'selora' or 'lora'")
+    model, x, y, _ = planted_stack(planted, width, n, noise=noise, seed=seed)
+    per_layer = [rank] * len(planted) if isinstance(rank, int) else list(rank)
+    if len(per_layer) != len(planted):
+        raise ValueError(f"rank: expected {len(planted)} ranks, got {len(per_layer)}")
+    gen = torch.Generator().manual_seed(seed)
+    cls = SeLoRALinear if kind == "selora" else LoRALinear
+    layers = {name: cls(getattr(model, name), rank=r, generator=gen) for name, r in zip(model.names, per_layer)}
+    for name, layer in layers.items():
+        setattr(model, name, layer)
+    if init is not None:
+        for layer in layers.values():
+            layer.init = init(layer)
+    opt = torch.optim.Adam(trainable_parameters(model), lr=lr)
+    ctl = None
+    if kind == "selora":
+        ctl = ExpansionController(model, opt, threshold=threshold, interval=interval, max_rank=max_rank,
+                                  generator=torch.Generator().manual_seed(seed + 1))
+    test_steps, ranks = [0], {name: [layer.rank] for name, layer in layers.items()}
+
+    def record(step: int, m: nn.Module) -> None:
+        if step % interval == 0:
+            test_steps.append(step)
+            for name, layer in layers.items():
+                ranks[name].append(layer.rank)
+
+    log = train(model, x, y, opt, steps, batch_size=batch_size, seed=seed, controller=ctl, on_step=record)
+    return PlantedRun(test_steps, ranks, mse(model, x, y), num_trainable(model), log.decisions, log.losses)
+
+
+def rms_matched_rows(layer: nn.Module) -> Callable[[int, int, torch.Generator | None], Tensor]:
+    """A row initialiser for K that rescales Kaiming-uniform rows to the RMS row norm of ``layer.lora_A``.
+
+    This book's exploration (not the paper's method): with K as large as an average existing row,
+    ``‖K‖² / ‖A‖²_F = 1 / r`` whatever training did to the scale of A.
+    """
+    from selora.layers import kaiming_rows
+
+    def init(rows: int, in_features: int, generator: torch.Generator | None = None) -> Tensor:
+        K = kaiming_rows(rows, in_features, generator)
+        A = layer.lora_A.detach().float().cpu()
+        target = A.norm() / A.shape[0] ** 0.5
+        return K * (target / K.norm(dim=1, keepdim=True))
+
+    return init
+
+
+def step_times(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, steps: int, *,
+               controller: object | None = None, extra_pass: bool = False, warmup: int = 2) -> list[float]:
+    """Wall-clock seconds of each of ``steps`` full-batch MSE training steps (after ``warmup``).
+
+    A step is forward, backward, ``optimizer.step()``, ``controller.step()`` (if given),
+    ``zero_grad``. ``extra_pass=True`` adds one more forward/backward per step on the same batch
+    — what a scorer that re-runs the model (the authors' code) pays on a test step.
+    """
+    import time
+
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        ((model(x) - y) ** 2).mean().backward()
+        if extra_pass:
+            ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+        if controller is not None:
+            controller.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
