@@ -1,0 +1,245 @@
+"""The trainer on a tiny random-init SD pipeline (built from config, saved as a real diffusers
+folder) and a small phantom Montgomery set: outputs, resume (bitwise), non-finite steps, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from selora.config import load_config
+from selora.data.montgomery import scan, split_indices
+from selora.data.phantom import make_phantom_set
+from selora.train import EVAL_METRICS, Trainer, main, read_records
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 16  # image side; the tiny VAE makes 8 x 8 latents
+
+
+def make_tiny_pipeline(folder: Path) -> Path:
+    """Save a random-init StableDiffusionPipeline (SD v1.5 module types at toy size) to ``folder``."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from selora.models import sd15_scheduler_config
+    from selora.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=RES // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16,
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=RES,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer("offline"), unet=unet,
+        scheduler=PNDMScheduler(**sd15_scheduler_config(), skip_prk_steps=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """A tiny pipeline folder, a 48x60 phantom Montgomery set and a shared cache folder."""
+    base = tmp_path_factory.getbasetemp() / "train-assets"  # shared by the test modules that import this
+    cache = base / "cache"
+    os.environ["SELORA_CACHE"] = str(cache)  # the tokenizer files land here too
+    if not (base / "phantom" / "MontgomerySet").is_dir():
+        make_phantom_set(base / "phantom", seed=0, size=(48, 60))
+    if not (base / "tiny-sd" / "model_index.json").is_file():
+        make_tiny_pipeline(base / "tiny-sd")
+    return {"model": base / "tiny-sd", "data": base / "phantom", "cache": cache}
+
+
+@pytest.fixture(autouse=True)
+def _cache(assets, monkeypatch):
+    monkeypatch.setenv("SELORA_CACHE", str(assets["cache"]))
+
+
+def tiny_overrides(assets: dict[str, Path], **extra) -> list[str]:
+    """--set items for a fast run: tiny model, small phantom set, 16 px, batch 4, test every 3 steps."""
+    values = {
+        "model": str(assets["model"]), "dataset": "montgomery-phantom", "data_root": str(assets["data"]),
+        "resolution": RES, "batch_size": 4, "epochs": 2, "interval": 3, "threshold": 1.0001, "lr": 1e-2,
+        "num_samples": 2, "sample_steps": 2, "eval_every": 1, "prompt_dropout": 0.2, "max_grad_norm": 1.0,
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+
+
+def tiny_config(assets, **extra):
+    return load_config("montgomery-offline", tiny_overrides(assets, **extra))
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_records(run)["train"]]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_run_directory_contents_and_rank_growth(assets, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    seen = []
+
+    def mean_gray(images, prompts, real):  # an evaluation metric plugged in like FID/CLIP will be
+        value = float(np.mean([np.asarray(im.convert("L")) for im in images]))
+        seen.append((len(images), list(prompts), tuple(real.shape), value))
+        return value
+
+    monkeypatch.setitem(EVAL_METRICS, "mean_gray", mean_gray)
+    summary = Trainer(tiny_config(assets), run, progress=False).run()
+    assert summary["status"] == "finished"
+    records = read_records(run)
+    train, evals, history = records["train"], records["eval"], records["ranks"]
+    n_train = len(split_indices(scan(assets["data"]))["train"])
+    assert len(train) == summary["step"] == 2 * (n_train // 4)
+    assert [e["epoch"] for e in evals] == [1, 2] and all(e["eval_loss"] > 0 for e in evals)
+    assert [e["mean_gray"] for e in evals] == [v for *_, v in seen]  # the hook's values are logged
+    assert len(seen) == 2 and seen[0][0] == 2 and seen[0][2] == (2, 1, RES, RES) and seen[0][1] == seen[1][1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    k = len(train) // 4
+    early, late = (sum(r["loss"] for r in part) / k for part in (train[:k], train[-k:]))
+    assert late < 0.9 * early, f"training did not lower the loss ({early:.3f} -> {late:.3f})"
+    # ranks grew from 1 on test steps only, and ranks.json matches the adapters' shapes
+    assert set(history[0]["ranks"].values()) == {1}
+    assert all(h["step"] % 3 == 0 for h in history[1:])
+    final = json.loads((run / "ranks.json").read_text())
+    assert final == history[-1]["ranks"] and max(final.values()) > 1
+    assert any(k.startswith("text_encoder.") for k in final) and any(k.startswith("unet.") for k in final)
+    assert not any(k.startswith("vae") for k in final)
+    adapters = load_file(str(run / "adapters.safetensors"))
+    assert {k: v.shape[0] for k, v in adapters.items() if k.endswith("lora_A")} == {f"{k}.lora_A": r for k, r in final.items()}
+    assert train[-1]["total_rank"] == sum(final.values())
+    # best checkpoint = lowest eval loss; sample grids and the config copy exist
+    best = json.loads((run / "best" / "state.json").read_text())
+    assert best["eval_loss"] == min(e["eval_loss"] for e in evals)
+    assert (run / "samples" / "epoch-001.png").is_file() and (run / "samples" / "epoch-002.png").is_file()
+    assert Image.open(run / "samples" / "real.png").size == Image.open(run / "samples" / "epoch-001.png").size
+    assert load_config(run / "config.yaml").values == tiny_config(assets).values
+
+
+def test_lora_method_keeps_its_rank(assets, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(assets, method="lora", lora_rank=3, epochs=1, num_samples=0), run, progress=False).run()
+    assert set(json.loads((run / "ranks.json").read_text()).values()) == {3}
+    assert len(read_records(run)["ranks"]) == 1
+
+
+def test_resume_after_expansion_is_bitwise_identical(assets, tmp_path):
+    """Stopping at step 5 (after the expansion at step 3, with K for step 6 already drawn) and
+    resuming to step 10 gives the same adapters, ranks and losses as an uninterrupted run to step
+    10, bit for bit (checkpoints at 4 and 8 are written on the way)."""
+    cfg = tiny_config(assets, epochs=1, num_samples=0, checkpoint_every=4)
+    full, split = tmp_path / "full", tmp_path / "split"
+    Trainer(cfg, full, max_steps=10, progress=False).run()
+    first = Trainer(cfg, split, max_steps=5, progress=False).run()
+    assert first["status"] == "stopped at --max-steps" and first["step"] == 5
+    history = read_records(split)["ranks"]
+    assert any(h["expanded"] for h in history[1:]), "no expansion before the interruption"
+    # a crash after the checkpoint leaves extra records; resume must drop them
+    (split / "metrics.jsonl").write_text((split / "metrics.jsonl").read_text() + '{"kind": "train", "step": 99}\n')
+    Trainer(load_config(split / "config.yaml"), split, resume=True, max_steps=10, progress=False).run()
+    assert train_losses(split) == train_losses(full) and len(train_losses(full)) == 10
+    assert read_records(split)["ranks"] == read_records(full)["ranks"]
+    a, b = (load_file(str(r / "checkpoints" / "last" / "adapters.safetensors")) for r in (full, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((r / "checkpoints" / "last" / "ranks.json").read_text()) for r in (full, split))
+    assert ra == rb and max(ra.values()) == 4  # grown at steps 3, 6 and 9
+    sa, sb = (load_file(str(r / "checkpoints" / "last" / "state.safetensors")) for r in (full, split))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam moments, RNG, K
+
+
+def test_non_finite_loss_is_skipped_then_stops(assets, tmp_path):
+    run = tmp_path / "run"
+    # one NaN batch: a warning, the step is skipped, training goes on
+    cfg = tiny_config(assets, epochs=1, num_samples=0, debug_nan_steps=[2])
+    with pytest.warns(RuntimeWarning, match="batch 2: non-finite loss"):
+        Trainer(cfg, run, max_steps=3, progress=False).run()
+    records = read_records(run)["train"]
+    assert records[1]["skipped"] == "non-finite loss" and records[1]["loss"] is None
+    assert records[2]["step"] == 2 and records[2]["batch"] == 3
+    # three in a row: stop with a clear error, the checkpoint of step 4 stays as it was
+    run2 = tmp_path / "run2"
+    cfg = tiny_config(assets, epochs=1, num_samples=0, checkpoint_every=4, debug_nan_steps=[6, 7, 8], max_bad_steps=3)
+    with pytest.warns(RuntimeWarning):
+        with pytest.raises(RuntimeError, match=r"non-finite loss in 3 consecutive steps \(batches 6-8\)"):
+            Trainer(cfg, run2, progress=False).run()
+    state = json.loads((run2 / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == 4 and state["bad"] == 0
+    saved = load_file(str(run2 / "checkpoints" / "last" / "adapters.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    # and the intact checkpoint resumes (the NaN hook removed)
+    summary = Trainer(load_config(run2 / "config.yaml", ["debug_nan_steps=[]"]), run2, resume=True, max_steps=6,
+                      progress=False).run()
+    assert summary["step"] == 6
+
+
+def test_gradient_checkpointing_gives_the_same_run(assets, tmp_path):
+    """Recomputed activations leave the per-sample Fisher capture (and so the ranks) unchanged."""
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    Trainer(tiny_config(assets, threshold=1.1), plain, max_steps=6, progress=False).run()
+    Trainer(tiny_config(assets, threshold=1.1, gradient_checkpointing=True), ckpt, max_steps=6, progress=False).run()
+    h1, h2 = read_records(plain)["ranks"], read_records(ckpt)["ranks"]
+    assert len(h1) == 3
+    assert [h["ranks"] for h in h1] == [h["ranks"] for h in h2]
+    for a, b in zip(h1[1:], h2[1:]):
+        assert a["ratios"].keys() == b["ratios"].keys()
+        assert all(abs(a["ratios"][k] - b["ratios"][k]) <= 1e-4 * abs(a["ratios"][k]) for k in a["ratios"])
+
+
+# -- command line --------------------------------------------------------------------------------
+def run_cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SELORA_CACHE": str(cache), "SELORA_PROFILE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "selora.train", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "bogus=1"], "unknown key 'bogus'"),
+        (["--set", "interval=ten"], "key 'interval': expected int, got str 'ten'"),
+        (["--set", "data_root=does/not/exist"], "key 'data_root': no such folder"),
+        (["--set", "method=dora"], "key 'method': expected one of selora, lora"),
+        (["--max-steps", "0"], "--max-steps 0: expected an integer >= 1"),
+    ],
+)
+def test_bad_input_exits_2_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["--config", "montgomery-offline", "--out", str(out), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_cli_trains_stops_and_resumes(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [a for item in tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0) for a in ("--set", item)]
+    proc = run_cli(["--config", "montgomery-offline", "--out", str(out), *sets, "--max-steps", "2", "--no-progress"],
+                   assets["cache"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
+    assert main(["--config", "montgomery-offline", "--out", str(out)]) == 2
+    assert "use --resume" in capsys.readouterr().err
+    assert main(["--resume", str(out), "--set", "lr=0.5"]) == 2
+    assert "cannot change when resuming" in capsys.readouterr().err
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "finished"
+    assert (out / "adapters.safetensors").is_file()
