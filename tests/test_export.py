@@ -1,0 +1,513 @@
+"""Export: SeLoRA adapters with mixed ranks load into STOCK diffusers / PEFT with the same outputs.
+
+A tiny Stable Diffusion pipeline (random weights, cross-attention UNet with linear projections,
+2-layer CLIP text encoder, character-level CLIP tokenizer) gets SeLoRA adapters in every linear
+layer of the UNet and the text encoder with a scaling s = 0.5 (so a file without per-module alphas
+would be rescaled on load), a short training run with the expansion controller, a few extra
+expansions so that ranks are mixed, and random B. The exports are then loaded in a subprocess in
+which ``import selora`` fails, and compared with the selora model on fixed inputs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import selora
+from selora.export import (
+    DIFFUSERS_METADATA_KEY,
+    DIFFUSERS_WEIGHT_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHT_NAME,
+    load_selora,
+    main,
+    merge_into,
+    read_export,
+    save_diffusers_lora,
+    save_merged,
+    save_peft_adapter,
+)
+from selora.layers import LoRALinear, SeLoRALinear, lora_layers
+from selora.tokenizer import BOS, EOS, bytes_to_unicode
+
+SCALE = 0.5
+ATOL, RTOL = 2e-5, 1e-4  # float32, different association order of s, A and B than selora's
+PROMPTS = ["a round shadow on the left", "clear lungs"]
+
+
+# ----------------------------------------------------------------------------- the tiny pipeline
+def tiny_pipeline(folder: Path, cross_attention_dim: int = 32) -> StableDiffusionPipeline:
+    """A random tiny SD pipeline with a character-level CLIP tokenizer, built from configs only."""
+    torch.manual_seed(0)
+    symbols = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(symbols + [s + "</w>" for s in symbols] + [BOS, EOS])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=24, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+    ))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), use_linear_projection=True,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_base(folder: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fixed_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return {
+        "sample": torch.randn(2, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([17, 640]),
+        "context": torch.randn(2, 9, 32, generator=g),
+        "input_ids": torch.randint(0, 514, (2, 11), generator=g),
+    }
+
+
+@torch.no_grad()
+def outputs(unet: torch.nn.Module, text_encoder: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "unet": unet(x["sample"], x["timestep"], x["context"]).sample,
+        "text_encoder": text_encoder(x["input_ids"]).last_hidden_state,
+    }
+
+
+def image(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    out = pipe(PROMPTS, num_inference_steps=2, guidance_scale=3.0, height=16, width=16, generator=g, output_type="pt")
+    return out.images
+
+
+def short_selora_run(pipe: StableDiffusionPipeline) -> None:
+    """SeLoRA in every linear layer of UNet + text encoder, 8 AdamW steps with the controller, then
+    a few deterministic extra expansions (mixed ranks guaranteed) and random B (outputs move)."""
+    adapters = {}
+    for comp in ("unet", "text_encoder"):
+        injected = selora.inject(getattr(pipe, comp), "all-linear", scale=SCALE)
+        adapters.update({f"{comp}.{n}": m for n, m in injected.items()})
+    opt = torch.optim.AdamW(selora.trainable_parameters(pipe.unet) + selora.trainable_parameters(pipe.text_encoder), lr=1e-2)
+    ctl = selora.ExpansionController(adapters, opt, threshold=1.05, interval=4, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(5)
+    grown = 0
+    for _ in range(8):
+        ids = torch.randint(0, 514, (4, 10), generator=g)
+        latents, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        pred = pipe.unet(latents, t, pipe.text_encoder(ids).last_hidden_state).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        opt.step()
+        grown += sum(d.expanded for d in ctl.step())
+        opt.zero_grad()
+    ctl.close()
+    assert grown > 0, "the short run expanded no layer"
+    with torch.no_grad():
+        for i, layer in enumerate(adapters.values()):
+            if i % 3:
+                layer.expand(i % 3, generator=g)
+            layer.lora_B.normal_(0.0, 0.3, generator=g)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(base folder, selora pipeline, fixed inputs, selora outputs, export root)."""
+    root = tmp_path_factory.mktemp("export")
+    pipe = tiny_pipeline(root / "tokenizer-src")
+    pipe.save_pretrained(root / "base", safe_serialization=True)
+    x = fixed_inputs()
+    base_out = outputs(pipe.unet, pipe.text_encoder, x)
+    short_selora_run(pipe)
+    ref = outputs(pipe.unet, pipe.text_encoder, x)
+    ref["image"] = image(pipe)
+    for k in ("unet", "text_encoder"):  # the adapters must matter far beyond the tolerance
+        assert (ref[k] - base_out[k]).abs().max() > 100 * ATOL, f"adapters barely change the {k} output"
+    save_file(x, str(root / "inputs.safetensors"))
+    return root, pipe, x, ref
+
+
+# ----------------------------------------------------------------------------- stock loaders, no selora
+STOCK = textwrap.dedent(
+    r'''
+    import sys
+
+    class BlockSelora:
+        """Make `import selora` fail: the export must be usable without this package."""
+        def find_spec(self, name, path=None, target=None):
+            if name == "selora" or name.startswith("selora."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
+            return None
+
+    sys.meta_path.insert(0, BlockSelora())
+    sys.path = [p for p in sys.path if p not in ("", ".")]
+    try:
+        import selora  # noqa: F401
+        raise SystemExit("selora is importable in the stock process")
+    except ModuleNotFoundError:
+        pass
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(1)
+    base, diffusers_export, peft_export, inputs, result = sys.argv[1:]
+    x = load_file(inputs)
+    out = {}
+
+    @torch.no_grad()
+    def run(tag, unet, text_encoder):
+        out[f"unet_{tag}"] = unet(x["sample"], x["timestep"], x["context"]).sample
+        out[f"text_encoder_{tag}"] = text_encoder(x["input_ids"]).last_hidden_state
+
+    # diffusers format: the standard pipeline call
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(diffusers_export)
+    run("unfused", pipe.unet, pipe.text_encoder)
+    g = torch.Generator().manual_seed(7)
+    out["image"] = pipe(PROMPTS, num_inference_steps=2, guidance_scale=3.0, height=16, width=16,
+                        generator=g, output_type="pt").images
+    pipe.fuse_lora()
+    run("fused", pipe.unet, pipe.text_encoder)
+    pipe.unfuse_lora()
+    run("unfused_again", pipe.unet, pipe.text_encoder)
+
+    # PEFT format: PeftModel around freshly loaded base models
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), peft_export + "/unet")
+    te = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+                                   peft_export + "/text_encoder")
+    run("peft_unmerged", unet, te)
+    run("peft_merged", unet.merge_and_unload(), te.merge_and_unload())
+
+    leaked = sorted(m for m in sys.modules if m == "selora" or m.startswith("selora."))
+    assert not leaked, f"selora modules were imported: {leaked}"
+    save_file({k: v.contiguous() for k, v in out.items()}, result)
+    '''
+).replace("PROMPTS", repr(PROMPTS))
+
+
+@pytest.fixture(scope="module")
+def stock(trained):
+    """Both exports loaded by stock diffusers / PEFT in ONE subprocess where selora cannot be imported."""
+    root, pipe, _, _ = trained
+    save_diffusers_lora(pipe, root / "diffusers")
+    for comp in ("unet", "text_encoder"):
+        save_peft_adapter(getattr(pipe, comp), root / "peft" / comp)
+    script, result = root / "stock.py", root / "stock.safetensors"
+    script.write_text(STOCK, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    args = [root / "base", root / "diffusers", root / "peft", root / "inputs.safetensors", result]
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script), *map(str, args)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"stock process failed:\n{proc.stderr[-3000:]}"
+    return load_file(str(result))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err = (got - want).abs().max().item()
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{what}: max abs error {err:.3g}"
+
+
+def test_stock_diffusers_reproduces_selora_outputs_unfused_and_fused(trained, stock):
+    root, _, _, ref = trained
+    assert (root / "diffusers" / DIFFUSERS_WEIGHT_NAME).stat().st_mode & 0o777 == 0o644, "export left private"
+    for tag in ("unfused", "fused", "unfused_again"):
+        for comp in ("unet", "text_encoder"):
+            assert_close(stock[f"{comp}_{tag}"], ref[comp], f"diffusers {tag} {comp}")
+    assert_close(stock["image"], ref["image"], "diffusers pipeline image")
+
+
+def test_stock_peft_reproduces_selora_outputs_unmerged_and_merged(trained, stock):
+    root, _, _, ref = trained
+    for comp in ("unet", "text_encoder"):
+        config = json.loads((root / "peft" / comp / PEFT_CONFIG_NAME).read_text())
+        assert config["peft_type"] == "LORA" and config["rank_pattern"] and config["alpha_pattern"]
+    for tag in ("peft_unmerged", "peft_merged"):
+        for comp in ("unet", "text_encoder"):
+            assert_close(stock[f"{comp}_{tag}"], ref[comp], f"{tag} {comp}")
+
+
+def test_exported_tensors_have_each_layers_rank(trained, tmp_path):
+    _, pipe, _, _ = trained
+    file = save_diffusers_lora(pipe, tmp_path)
+    save_peft_adapter(pipe.unet, tmp_path / "peft")
+    diffusers_tensors = load_file(str(file))
+    peft_tensors = load_file(str(tmp_path / "peft" / PEFT_WEIGHT_NAME))
+    want = {}
+    for comp in ("unet", "text_encoder"):
+        for name, layer in lora_layers(getattr(pipe, comp)).items():
+            want[f"{comp}.{name}"] = layer
+    assert len({layer.rank for layer in want.values()}) >= 3, "the fixture should have mixed ranks"
+    assert set(diffusers_tensors) == {f"{n}.lora_{p}.weight" for n in want for p in "AB"}
+    for name, layer in want.items():
+        r = layer.rank
+        assert diffusers_tensors[f"{name}.lora_A.weight"].shape == (r, layer.in_features), name
+        assert diffusers_tensors[f"{name}.lora_B.weight"].shape == (layer.out_features, r), name
+        assert torch.equal(diffusers_tensors[f"{name}.lora_B.weight"], layer.lora_B.detach()), name
+        if name.startswith("unet."):
+            key = "base_model.model." + name.removeprefix("unet.")
+            assert peft_tensors[f"{key}.lora_A.weight"].shape == (r, layer.in_features), name
+
+
+def test_without_alpha_metadata_diffusers_would_rescale(trained, tmp_path):
+    """The metadata is what makes the load exact: strip it and stock diffusers changes the output."""
+    root, pipe, x, ref = trained
+    tensors = load_file(str(save_diffusers_lora(pipe, tmp_path / "with")))
+    (tmp_path / "without").mkdir()
+    save_file(tensors, str(tmp_path / "without" / DIFFUSERS_WEIGHT_NAME), metadata={"format": "pt"})
+    plain = load_base(root / "base")
+    plain.load_lora_weights(tmp_path / "without")
+    got = outputs(plain.unet, plain.text_encoder, x)
+    assert not torch.allclose(got["unet"], ref["unet"], atol=100 * ATOL), "metadata-free file loaded exactly"
+
+
+def test_load_selora_restores_layers_ranks_and_outputs(trained):
+    root, pipe, x, ref = trained
+    save_diffusers_lora(pipe, root / "diffusers-load")
+    fresh = load_base(root / "base")
+    rng = torch.get_rng_state()
+    loaded = load_selora(fresh, root / "diffusers-load")
+    assert torch.equal(torch.get_rng_state(), rng), "loading consumed the global RNG"
+    assert all(isinstance(m, SeLoRALinear) for m in loaded.values())
+    for comp in ("unet", "text_encoder"):
+        assert selora.ranks(getattr(fresh, comp)) == selora.ranks(getattr(pipe, comp))
+        assert {m.scaling for m in lora_layers(getattr(fresh, comp)).values()} == {SCALE}
+    got = outputs(fresh.unet, fresh.text_encoder, x)
+    for comp in ("unet", "text_encoder"):
+        assert torch.equal(got[comp], ref[comp]), f"load_selora changed the {comp} output"
+    # training can continue: only adapters are trainable, and a layer can grow again
+    n_adapter = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(fresh.unet).values())
+    assert selora.num_trainable(fresh.unet) == n_adapter
+    layer = next(iter(lora_layers(fresh.unet).values()))
+    rank = layer.rank
+    layer.expand(1)
+    assert layer.rank == rank + 1
+
+
+def test_load_selora_from_peft_folder_into_one_model(trained):
+    root, pipe, x, ref = trained
+    save_peft_adapter(pipe.text_encoder, root / "peft-load")
+    fresh = load_base(root / "base").text_encoder
+    load_selora(fresh, root / "peft-load", kind="lora")
+    assert selora.ranks(fresh) == selora.ranks(pipe.text_encoder)
+    assert all(type(m) is LoRALinear for m in lora_layers(fresh).values())
+    got = fresh(x["input_ids"]).last_hidden_state
+    assert torch.equal(got, ref["text_encoder"])
+
+
+def test_merge_equals_unmerged_and_saves_a_plain_pipeline(trained, tmp_path):
+    root, pipe, x, ref = trained
+    merged = merge_into(copy.deepcopy(pipe))
+    assert not lora_layers(merged.unet) and not lora_layers(merged.text_encoder)
+    got = outputs(merged.unet, merged.text_encoder, x)
+    for comp in ("unet", "text_encoder"):
+        assert_close(got[comp], ref[comp], f"merged {comp}")
+    save_merged(copy.deepcopy(pipe), tmp_path / "merged")
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755, "merged folder left private"
+    assert not list((tmp_path / "merged").rglob("*.bin")), "merged weights must be safetensors"
+    reloaded = load_base(tmp_path / "merged")
+    got = outputs(reloaded.unet, reloaded.text_encoder, x)
+    for comp in ("unet", "text_encoder"):
+        assert_close(got[comp], ref[comp], f"reloaded merged {comp}")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        save_merged(copy.deepcopy(pipe), tmp_path / "merged")
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_adapter_from_another_base_model_names_the_first_mismatching_module(trained, tmp_path):
+    root, pipe, _, _ = trained
+    save_diffusers_lora(pipe, tmp_path)
+    other = tiny_pipeline(tmp_path / "tok", cross_attention_dim=16)  # a different text width
+    # first adapted module, in model order, whose shape differs (computed here from the models)
+    saved = {n: (m.in_features, m.out_features) for n, m in lora_layers(pipe.unet).items()}
+    linear = {n: m for n, m in other.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    first = next(n for n in linear if n in saved and saved[n] != (linear[n].in_features, linear[n].out_features))
+    before = {n: p.clone() for n, p in other.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"module {first.replace('.', '[.]')} does not match"):
+        load_selora(other, tmp_path)
+    assert not lora_layers(other.unet) and not lora_layers(other.text_encoder), "a failed load changed the model"
+    assert all(torch.equal(p, before[n]) for n, p in other.unet.state_dict().items())
+
+
+def test_non_safetensors_files_are_refused(trained, tmp_path):
+    _, pipe, _, _ = trained
+    pickled = tmp_path / "pickled" / DIFFUSERS_WEIGHT_NAME
+    pickled.parent.mkdir()
+    torch.save({"unet.x.lora_A.weight": torch.zeros(1, 2)}, pickled)
+    with pytest.raises(ValueError, match="refused, expected a safetensors file"):
+        read_export(pickled.parent)
+    bin_only = tmp_path / "bin"
+    bin_only.mkdir()
+    torch.save({}, bin_only / "pytorch_lora_weights.bin")
+    with pytest.raises(ValueError, match="refused"):
+        load_selora(pipe.unet, bin_only)
+
+
+def test_metadata_written_is_what_diffusers_reads(trained, tmp_path):
+    """The header key and per-component entries are the ones diffusers' loader looks up."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+
+    assert (DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHT_NAME) == (LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE)
+    _, pipe, _, _ = trained
+    file = save_diffusers_lora(pipe, tmp_path)
+    with safe_open(str(file), framework="pt") as fh:
+        meta = json.loads(fh.metadata()[DIFFUSERS_METADATA_KEY])
+    for comp in ("unet", "text_encoder"):
+        layers = lora_layers(getattr(pipe, comp))
+        r, alpha = meta[f"{comp}.r"], meta[f"{comp}.lora_alpha"]
+        for name, layer in layers.items():
+            assert meta[f"{comp}.rank_pattern"].get(name, r) == layer.rank, name
+            assert meta[f"{comp}.alpha_pattern"].get(name, alpha) / layer.rank == pytest.approx(SCALE), name
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(tmp_path / "missing"), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def fake_run(run: Path, pipe: StableDiffusionPipeline, base: Path) -> Path:
+    """A run directory as selora.train leaves it (config.yaml + best/ adapters), written with the
+    trainer's own writers, for the base pipeline folder ``base``."""
+    from selora.checkpoint import adapter_tensors, write_checkpoint
+    from selora.config import load_config
+    from selora.train import DiffusionModel
+
+    run.mkdir(parents=True)
+    cfg = load_config(base={"model": str(base), "lora_scale": SCALE, "unet_targets": "all-linear",
+                            "text_encoder_targets": "all-linear"})
+    (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    model = DiffusionModel(pipe.unet, pipe.text_encoder)
+    write_checkpoint(run / "best", adapter_tensors(model), selora.ranks(model), state={"eval_loss": 0.0})
+    return run
+
+
+def test_cli_exports_a_training_run_in_every_format(trained, tmp_path, capsys):
+    root, pipe, x, ref = trained
+    run = fake_run(tmp_path / "run", pipe, root / "base")
+    for fmt in ("diffusers", "peft", "merged"):
+        assert main(["--run", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        assert capsys.readouterr().out.startswith("wrote ")
+    want = load_file(str(save_diffusers_lora(pipe, tmp_path / "direct")))
+    got = load_file(str(tmp_path / "diffusers" / DIFFUSERS_WEIGHT_NAME))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for comp in ("unet", "text_encoder"):
+        fresh = getattr(load_base(root / "base"), comp)
+        load_selora(fresh, tmp_path / "peft" / comp)
+        assert selora.ranks(fresh) == selora.ranks(getattr(pipe, comp))
+    merged = load_base(tmp_path / "merged")
+    got = outputs(merged.unet, merged.text_encoder, x)
+    for comp in ("unet", "text_encoder"):
+        assert_close(got[comp], ref[comp], f"CLI merged {comp}")
+
+
+def test_cli_run_for_another_base_model_exits_2_naming_the_module(trained, tmp_path, capsys):
+    _, pipe, _, _ = trained
+    other = tiny_pipeline(tmp_path / "tok", cross_attention_dim=16)
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    run = fake_run(tmp_path / "run", pipe, tmp_path / "other")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run), "--format", "diffusers", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "attn2.to_k" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+class Nested(torch.nn.Module):
+    """Module names where one is the dotted suffix of another (``fc`` / ``sub.fc``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 5)
+        self.sub = torch.nn.Module()
+        self.sub.fc = torch.nn.Linear(5, 4)
+        self.sub.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sub.out(torch.tanh(self.sub.fc(torch.tanh(self.fc(x)))))
+
+
+@pytest.mark.parametrize("targets", [["^fc$", "sub.out"], ["^fc$", "sub.fc", "sub.out"]])
+def test_peft_export_keeps_nested_names_apart(tmp_path, targets):
+    """``fc`` (rank 3) must not hand its rank/alpha to ``sub.fc`` (rank 1) or catch it as a target."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = Nested()
+    fresh, again = copy.deepcopy(model), copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    layers = selora.inject(model, targets, scale=0.25, generator=g)
+    with torch.no_grad():
+        layers["fc"].expand(2, generator=g)
+        for layer in layers.values():
+            layer.lora_B.normal_(generator=g)
+    x = torch.randn(7, 6, generator=g)
+    with torch.no_grad():
+        want = model(x)
+    save_peft_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(fresh, tmp_path)
+    with torch.no_grad():
+        assert_close(peft_model(x), want, "PEFT nested")
+    load_selora(again, tmp_path)
+    assert selora.ranks(again) == selora.ranks(model)
+    with torch.no_grad():
+        assert torch.equal(again(x), want)
+
+
+def test_half_precision_export_stores_fp16_and_loads_into_the_base_dtype(trained, tmp_path):
+    root, pipe, x, ref = trained
+    file = save_diffusers_lora(pipe, tmp_path, dtype=torch.float16)
+    tensors = load_file(str(file))
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    layer = lora_layers(pipe.unet)["time_embedding.linear_1"]
+    assert torch.equal(tensors["unet.time_embedding.linear_1.lora_B.weight"], layer.lora_B.detach().half())
+    fresh = load_base(root / "base")
+    load_selora(fresh, tmp_path)
+    assert {p.dtype for p in selora.trainable_parameters(fresh.unet)} == {torch.float32}
+    got = outputs(fresh.unet, fresh.text_encoder, x)
+    for comp in ("unet", "text_encoder"):  # fp16 rounding of A and B, nothing more
+        assert not torch.equal(got[comp], ref[comp])
+        assert torch.allclose(got[comp], ref[comp], atol=1e-2, rtol=0), comp
