@@ -51,6 +51,27 @@ def _targets(targets: str | Sequence[str]) -> tuple[list[str], bool]:
     return patterns, False
 
 
+def select_linear(model: nn.Module, targets: str | Sequence[str]) -> dict[str, nn.Linear]:
+    """``{qualified name: nn.Linear}`` that ``targets`` selects in ``model`` (rules of :func:`inject`).
+
+    Linear layers already wrapped by an adapter are never selected again. Raises ``ValueError``
+    naming a few available modules when a preset matches nothing or a listed target matches nothing.
+    """
+    if isinstance(model, nn.Linear):
+        raise ValueError("inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear")
+    patterns, is_preset = _targets(targets)
+    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # never wrap twice
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapted}
+    hits = {p: {n for n in linear if matches(n, p)} for p in patterns}
+    chosen = [n for n in linear if any(n in names for names in hits.values())]
+    missing = [p for p, names in hits.items() if not names]
+    if not chosen or (missing and not is_preset):
+        sample = ", ".join(list(linear)[:6]) or "none (the model has no nn.Linear)"
+        what = f"preset {targets!r}" if is_preset else f"target(s) {missing}"
+        raise ValueError(f"inject: {what} matched no nn.Linear module; available names include: {sample}")
+    return {n: linear[n] for n in chosen}
+
+
 def inject(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -79,20 +100,9 @@ def inject(
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    if isinstance(model, nn.Linear):
-        raise ValueError("inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear")
-    patterns, is_preset = _targets(targets)
     if rank is None:
         rank = 1 if kind == "selora" else 4
-    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # never wrap twice
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapted}
-    hits = {p: {n for n in linear if matches(n, p)} for p in patterns}
-    chosen = [n for n in linear if any(n in names for names in hits.values())]
-    missing = [p for p, names in hits.items() if not names]
-    if not chosen or (missing and not is_preset):
-        sample = ", ".join(list(linear)[:6]) or "none (the model has no nn.Linear)"
-        what = f"preset {targets!r}" if is_preset else f"target(s) {missing}"
-        raise ValueError(f"inject: {what} matched no nn.Linear module; available names include: {sample}")
+    selected = select_linear(model, targets)
 
     existing = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
     for p in model.parameters():
@@ -100,8 +110,7 @@ def inject(
             p.requires_grad_(False)
     cls = KINDS[kind]
     wrapped: dict[int, LoRALinear] = {}
-    for name in chosen:
-        base = linear[name]
+    for base in selected.values():
         if id(base) not in wrapped:
             wrapped[id(base)] = cls(base, rank=rank, scale=scale, init=init, generator=generator)
     # install under every name, also the duplicate names that named_modules() hides
@@ -109,4 +118,4 @@ def inject(
         for child_name, child in list(parent._modules.items()):  # named_children() hides duplicates
             if id(child) in wrapped and isinstance(child, nn.Linear):
                 setattr(parent, child_name, wrapped[id(child)])
-    return {name: wrapped[id(linear[name])] for name in chosen}
+    return {name: wrapped[id(base)] for name, base in selected.items()}
