@@ -1,0 +1,171 @@
+"""The shipped mini SD is a genuine diffusers folder: stock loading, offline, prompt-dependent output."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.models.attention import GEGLU
+
+import selora.models
+from selora.models import MINI_SD_DIR, load_pipeline, resolution
+from selora.tokenizer import clip_vocab_and_merges
+
+BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_mini_sd.py"
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+
+
+def block_network(mp: pytest.MonkeyPatch) -> None:
+    """Hub offline, and any socket connection or DNS lookup fails the test."""
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setattr(socket.socket, "connect", _refuse)
+    mp.setattr(socket, "create_connection", _refuse)
+    mp.setattr(socket, "getaddrinfo", _refuse)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    """The committed folder loaded with the stock diffusers call, network blocked."""
+    with pytest.MonkeyPatch.context() as mp:
+        block_network(mp)
+        p = StableDiffusionPipeline.from_pretrained(MINI_SD_DIR)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def draw(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, steps: int = 12) -> np.ndarray:
+    """One image per prompt, (n, 64, 64, 3) in [0, 1], seeded per image."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, generator=gens, output_type="np").images
+
+
+def test_folder_is_a_small_diffusers_pipeline():
+    index = json.loads((MINI_SD_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (MINI_SD_DIR / part).is_dir(), part
+    assert index["safety_checker"] == [None, None]
+    files = [f for f in MINI_SD_DIR.rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}]
+    assert sorted(f.parent.name for f in weights) == ["text_encoder", "unet", "vae"]
+    assert all(f.suffix == ".safetensors" for f in weights)
+    assert sum(f.stat().st_size for f in files) <= 20_000_000
+
+
+def test_stock_load_is_float32_and_draws_at_offline_resolution(pipe):
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    (img,) = draw(pipe, ["a large red circle in the center"], steps=4)
+    assert img.shape == (resolution("offline"), resolution("offline"), 3)
+    assert np.isfinite(img).all() and img.std() > 0.01
+
+
+def test_same_prompt_and_seed_is_identical_other_prompt_differs(pipe):
+    a, b, c = (draw(pipe, [p], seed=3)[0] for p in ("a large red circle", "a large red circle", "a small blue square"))
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).mean() > 0.05
+
+
+def test_tokenizer_and_text_encoder_agree(pipe):
+    tok, te = pipe.tokenizer, pipe.text_encoder.config
+    assert tok.get_vocab() == clip_vocab_and_merges()[0]  # the real CLIP vocabulary
+    assert len(tok) == te.vocab_size == 49408
+    assert tok.model_max_length == te.max_position_embeddings == 77
+    assert (te.bos_token_id, te.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
+    assert pipe.unet.config.cross_attention_dim == te.hidden_size
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == resolution("offline")
+
+
+def test_unet_has_sd15_module_types(pipe):
+    modules = dict(pipe.unet.named_modules())
+    names = list(modules)
+    for suffix in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                   "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "proj_in", "proj_out"):
+        hits = [n for n in names if n.endswith(suffix)]
+        assert hits, suffix
+        assert all(isinstance(modules[n], torch.nn.Linear) for n in hits), suffix
+    assert any(isinstance(m, GEGLU) for m in modules.values())
+    assert pipe.unet.config.use_linear_projection
+
+
+def test_load_pipeline_offline_is_the_shipped_model_without_network(pipe, monkeypatch):
+    block_network(monkeypatch)
+    loaded = load_pipeline("offline", device="cpu")
+    assert loaded.safety_checker is None
+    ours, stock = loaded.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(ours[k], stock[k]) for k in stock)
+
+
+def test_resolution_and_bad_profile():
+    assert resolution("paper") == 224 and resolution("offline") == 64
+    with pytest.raises(ValueError, match="profile 'gpu': expected one of"):
+        resolution("gpu")
+    with pytest.raises(ValueError, match="profile 'gpu': expected one of"):
+        load_pipeline("gpu")
+
+
+def test_missing_offline_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(selora.models, "MINI_SD_DIR", tmp_path / "mini-sd")
+    with pytest.raises(FileNotFoundError, match=r"mini-sd: the offline model folder is missing model_index\.json"):
+        load_pipeline("offline")
+
+
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_mini_sd", BUILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--vae-steps", "2", "--decoder-steps", "2", "--images", "32", "--probe-seeds", "1"]
+
+
+def _bytes(folder: Path, part: str) -> bytes:
+    return next((folder / part).glob("*.safetensors")).read_bytes()
+
+
+def test_build_script_is_reproducible_and_a_snapshot_equals_a_shorter_run(tmp_path, monkeypatch):
+    """The UNet snapshot at step 2 of a 3-step run is the 2-step run's model, byte for byte, also when
+    the VAE comes from the snapshot (--vae-from); the decoder-only stage 2 changes the decoder but
+    not the encoder the UNet's latents came from."""
+    monkeypatch.setenv("SELORA_CACHE", str(tmp_path / "cache"))
+    build = _build_script()
+    two, three = tmp_path / "two", tmp_path / "three"
+    assert build.main(["--out", str(two), "--unet-steps", "2", "--snapshot-every", "0", *TINY]) == 0
+    assert build.main(["--out", str(three), "--unet-steps", "3", "--snapshot-every", "2", *TINY]) == 0
+    snapshot = tmp_path / "cache" / "mini-sd-build" / "snapshot"
+    assert _bytes(two, "unet") == _bytes(snapshot, "unet") != _bytes(three, "unet")
+    assert _bytes(two, "text_encoder") == _bytes(snapshot, "text_encoder")
+    assert _bytes(two, "vae") == _bytes(three, "vae") != _bytes(snapshot, "vae")  # stage 2 is deterministic
+    reused = tmp_path / "reused"  # stage 1a taken from the snapshot instead of retrained: same model
+    assert build.main(["--out", str(reused), "--unet-steps", "2", "--snapshot-every", "0", "--vae-from", str(snapshot), *TINY]) == 0
+    assert all(_bytes(reused, part) == _bytes(two, part) for part in ("unet", "text_encoder", "vae"))
+    block_network(monkeypatch)
+    refined = StableDiffusionPipeline.from_pretrained(three)
+    stage1 = AutoencoderKL.from_pretrained(snapshot / "vae")
+    changed = {n for n, t in refined.vae.state_dict().items() if not torch.equal(t, stage1.state_dict()[n])}
+    assert changed and all(n.startswith(("decoder.", "post_quant_conv.")) for n in changed), changed
+    log = json.loads((three / "training_log.json").read_text())
+    assert log["unet_steps_done"] == 3 and len(log["loss_every_25_steps"]["unet_eps_mse"]) == 1
+    assert log["decoder_refine"]["steps"] == 2
+    assert set(log["probe"]) >= {"row_accuracy", "column_accuracy", "colour_accuracy"}
+    assert (three / "samples.png").is_file() and (three / "loss_curve.png").is_file()
+    assert refined.unet.config.cross_attention_dim == refined.text_encoder.config.hidden_size
+
+
+def test_build_script_rejects_bad_arguments(tmp_path, capsys):
+    build = _build_script()
+    with pytest.raises(SystemExit) as err:
+        build.main(["--unet-steps", "0", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "--unet-steps must be a positive integer, got 0" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        build.main(["--out", str(tmp_path / "file")])
+    assert err.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
