@@ -1,0 +1,196 @@
+"""Fréchet distance against scipy and closed forms; the paper-profile FID/CLIP paths with stand-in weights."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from selora import metrics
+from selora.metrics import frechet_distance, frechet_distance_features, gaussian_stats
+from selora.tokenizer import load_clip_tokenizer
+
+
+def scipy_frechet(mu1, s1, mu2, s2):
+    """The reference formula (pytorch-fid): |mu1-mu2|^2 + tr(S1 + S2 - 2 sqrtm(S1 S2))."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def random_spd(d, rng, rank=None):
+    m = rng.normal(size=(d, rank or d + 3))
+    return m @ m.T / m.shape[1]
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 16])
+def test_matches_scipy_sqrtm_on_random_gaussians(d):
+    rng = np.random.default_rng(d)
+    for _ in range(5):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = random_spd(d, rng), random_spd(d, rng)
+        got = frechet_distance(torch.tensor(mu1), torch.tensor(s1), torch.tensor(mu2), torch.tensor(s2))
+        assert got == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-7, abs=1e-9)
+
+
+def test_matches_scipy_on_singular_covariances_from_few_samples():
+    """N < D samples give rank-deficient covariances, as with FID on a 28-image test split."""
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(10, 24)), rng.normal(0.3, 1.5, size=(12, 24))
+    mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    assert np.linalg.matrix_rank(s1) < 24
+    got = frechet_distance_features(torch.tensor(f1), torch.tensor(f2))
+    assert got == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-5)
+
+
+def test_closed_forms():
+    d = 7
+    mu = torch.arange(d, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    # identical Gaussians: 0
+    s = torch.tensor(random_spd(d, np.random.default_rng(1)))
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-9)
+    # isotropic: |dmu|^2 + d (a - b)^2
+    shift = torch.full((d,), 0.5, dtype=torch.float64)
+    assert frechet_distance(mu, 4 * eye, mu + shift, 9 * eye) == pytest.approx(d * 0.25 + d * (2 - 3) ** 2)
+    # diagonal: sum (sqrt(a_i) - sqrt(b_i))^2
+    a, b = torch.rand(d, dtype=torch.float64) + 0.1, torch.rand(d, dtype=torch.float64) + 0.1
+    want = float(((a.sqrt() - b.sqrt()) ** 2).sum())
+    assert frechet_distance(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(want, rel=1e-10)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+    one = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
+    assert frechet_distance(torch.tensor([1.0]), one(4.0), torch.tensor([-2.0]), one(1.0)) == pytest.approx(9 + 1)
+
+
+def test_symmetric_and_rotation_invariant():
+    rng = np.random.default_rng(3)
+    f1, f2 = torch.tensor(rng.normal(size=(50, 6))), torch.tensor(rng.normal(1, 2, size=(40, 6)))
+    q, _ = torch.linalg.qr(torch.tensor(rng.normal(size=(6, 6))))
+    d12 = frechet_distance_features(f1, f2)
+    assert frechet_distance_features(f2, f1) == pytest.approx(d12, rel=1e-9)
+    assert frechet_distance_features(f1 @ q, f2 @ q) == pytest.approx(d12, rel=1e-9)
+    assert frechet_distance_features(f1 + 3, f2 + 3) == pytest.approx(d12, rel=1e-9)
+
+
+def test_gaussian_stats_match_numpy():
+    f = np.random.default_rng(4).normal(size=(30, 5))
+    mu, sigma = gaussian_stats(torch.tensor(f))
+    np.testing.assert_allclose(mu.numpy(), f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(f, rowvar=False), rtol=1e-10)
+
+
+def test_bad_inputs_are_clear_errors():
+    eye = torch.eye(3)
+    with pytest.raises(ValueError, match="sigma2: expected shape \\(3, 3\\)"):
+        frechet_distance(torch.zeros(3), eye, torch.zeros(3), torch.eye(4))
+    with pytest.raises(ValueError, match="features1: expected features of shape \\(N >= 2, D\\)"):
+        frechet_distance_features(torch.zeros(1, 3), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="features2: expected 3 feature columns"):
+        frechet_distance_features(torch.zeros(4, 3), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="mu1: contains NaN"):
+        frechet_distance(torch.tensor([float("nan")] * 3), eye, torch.zeros(3), eye)
+    with pytest.raises(ValueError, match="images: expected a tensor \\(N, 1 or 3, H, W\\)"):
+        metrics.to_unit_rgb(torch.zeros(2, 2, 8, 8))
+
+
+def test_to_unit_rgb_grayscale_to_three_channels_and_resize():
+    x = torch.linspace(-1, 1, 2 * 16 * 16).reshape(2, 1, 16, 16)
+    y = metrics.to_unit_rgb(x, 32)
+    assert y.shape == (2, 3, 32, 32) and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])
+    assert torch.allclose(metrics.to_unit_rgb(x)[:, 0:1], (x + 1) / 2)
+
+
+class StandInFeatures(nn.Module):
+    """A fixed random network standing in for Inception-v3 (the real weights need a download)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        assert x.shape[1:] == (3, metrics.INCEPTION_SIZE, metrics.INCEPTION_SIZE) and x.dtype == torch.float32
+        return self.net(x)
+
+
+def test_inception_fid_path_with_a_stand_in_feature_network():
+    """torchmetrics' FID with our preprocessing equals our Fréchet distance on the same features."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(12, 1, 24, 24, generator=g) * 2 - 1
+    fake = (torch.rand(10, 1, 24, 24, generator=g) * 2 - 1) * 0.5
+    net = StandInFeatures()
+    got = metrics.inception_fid(real, fake, feature=net, batch_size=5)
+    with torch.no_grad():
+        ours = frechet_distance_features(net(metrics.to_unit_rgb(real, 299)), net(metrics.to_unit_rgb(fake, 299)))
+    assert got == pytest.approx(ours, rel=1e-4)
+    assert metrics.inception_fid(real, real, feature=net) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_standard_inception_refuses_to_download_offline(monkeypatch):
+    monkeypatch.setenv("SELORA_PROFILE", "offline")
+    with pytest.raises(RuntimeError, match="needs the network"):
+        metrics.inception_fid(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(RuntimeError, match="needs the network"):
+        metrics.clip_score(torch.zeros(1, 1, 8, 8), ["a"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """A random CLIP built from a config (no download) with SD v1.5's tokenizer and CLIP's image processor."""
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=224, patch_size=32, projection_dim=16),
+        projection_dim=16,
+    )
+    model = CLIPModel(cfg).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=load_clip_tokenizer("offline"))
+    return lambda: (model, processor)
+
+
+def test_clip_score_path_with_a_tiny_random_clip(tiny_clip):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    prompts = ["female, 27 years: normal", "male, 60 years: right upper lobe cavity",
+               "female, 45 years: left pleural effusion", "male, 33 years: normal"]
+    score = metrics.clip_score(images, prompts, tiny_clip, batch_size=3)
+    # the definition: 100 * cosine of the projected embeddings, averaged, clipped at 0
+    model, processor = tiny_clip()
+    with torch.no_grad():
+        pix = processor(images=list((metrics.to_unit_rgb(images) * 255).round().to(torch.uint8)), return_tensors="pt")
+        tok = processor(text=prompts, return_tensors="pt", padding=True)
+        img = model.get_image_features(pixel_values=pix["pixel_values"]).pooler_output
+        txt = model.get_text_features(**tok).pooler_output
+    want = max(float((100 * torch.nn.functional.cosine_similarity(img, txt)).mean()), 0.0)
+    assert score == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert 0.0 <= score <= 100.0
+    shuffled = metrics.clip_score(images, prompts[1:] + prompts[:1], tiny_clip)
+    assert shuffled != pytest.approx(score, abs=1e-6), "the score must depend on which prompt goes with which image"
+
+
+def test_clip_score_truncates_long_prompts_like_training(tiny_clip):
+    tok = tiny_clip()[1].tokenizer
+    long = "female, 27 years: " + " ".join(["right upper lobe cavity"] * 40)
+    (cut,) = metrics.truncate_prompts([long], tok)
+    ids = tok(cut)["input_ids"]
+    assert len(tok(long)["input_ids"]) > 77 and len(ids) <= 77
+    assert ids == tok(long, truncation=True, max_length=77)["input_ids"], "truncation must match training's"
+    assert metrics.truncate_prompts(["male, 33 years: normal"], tok) == ["male, 33 years: normal"]
+    image = torch.zeros(1, 1, 32, 32)
+    assert metrics.clip_score(image, [long], tiny_clip) == pytest.approx(metrics.clip_score(image, [cut], tiny_clip), abs=1e-5)
+
+
+def test_clip_score_bad_input(tiny_clip):
+    with pytest.raises(ValueError, match="prompts: expected 2 prompts"):
+        metrics.clip_score(torch.zeros(2, 1, 8, 8), ["one"], tiny_clip)
+
+
+def test_evaluate_labels_offline_numbers_as_proxy():
+    assert all("proxy" in metrics.LABELS[k] for k in ("fid_proxy", "alignment_proxy"))
+    assert not any("proxy" in metrics.LABELS[k] for k in ("fid", "clip_score"))
+    with pytest.raises(ValueError, match="profile='gpu'"):
+        metrics.evaluate(torch.zeros(2, 1, 8, 8), ["a", "b"], torch.zeros(2, 1, 8, 8), profile="gpu")
