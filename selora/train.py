@@ -11,6 +11,11 @@ encoder; ONE :class:`selora.ExpansionController` watches both (one step count, o
 one all-reduce of the Fisher statistics across processes), so the per-sample Fisher of Eq. 3-5
 comes from the training step's own backward.
 
+Methods (:data:`METHODS`): ``selora`` (grows rank), and the paper's baselines ``lora`` (r = 4),
+``dylora`` (r = 4, a truncation b drawn per step) and ``adalora`` (PEFT, 6 -> ``lora_rank``, its
+orthogonality regulariser added to the loss and ``update_and_allocate`` after every step), all
+put in by :func:`selora.baselines.make_adapters` and trained by the same loop.
+
 Run directory::
 
     config.yaml            the resolved config          metrics.jsonl      train/eval records
@@ -27,7 +32,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,6 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selora.checkpoint import (
+    adalora_state_from_files,
+    adalora_state_to_files,
     adapter_tensors,
     find_checkpoint,
     load_adapter_tensors,
@@ -55,8 +62,7 @@ from selora.checkpoint import (
 )
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.expansion import ExpansionController
-from selora.inject import inject
-from selora.layers import num_trainable, ranks
+from selora.layers import ranks
 from selora.paths import cache_dir
 from selora.profile import seed_everything
 from selora.sample import generate, image_grid
@@ -66,22 +72,47 @@ from selora.sample import generate, image_grid
 
 @dataclass(frozen=True)
 class Method:
-    """How a method puts adapters in: ``inject`` kind, the config key of its initial rank, and
-    whether an :class:`ExpansionController` grows them. Baselines register here."""
+    """How a method puts adapters in: its :func:`selora.baselines.make_adapters` name (``kind``),
+    the config key of its rank and the ``make_adapters`` argument that receives it, whether an
+    :class:`ExpansionController` grows it, and fixed ``make_adapters`` options."""
 
     kind: str
     rank_key: str
     expands: bool
+    rank_arg: str = "rank"
+    options: dict[str, Any] = field(default_factory=dict)
 
+
+#: AdaLoRA's initial rank and orthogonality weight (paper: AdaLoRA 6 -> 4; Zhang et al.'s default 0.5).
+ADALORA_INIT_RANK, ADALORA_ORTH_WEIGHT = 6, 0.5
 
 METHODS: dict[str, Method] = {
     "selora": Method("selora", "start_rank", True),
     "lora": Method("lora", "lora_rank", False),
+    "dylora": Method("dylora", "lora_rank", False),
+    "adalora": Method("adalora", "lora_rank", False, rank_arg="adalora_target_r",
+                      options={"adalora_init_r": ADALORA_INIT_RANK, "orth_reg_weight": ADALORA_ORTH_WEIGHT}),
 }
+
+
+def _default_metrics() -> dict[str, Callable[[list, list[str], torch.Tensor], float]]:
+    """Offline profile: the shipped proxies (cheap, no download). Paper profile: none here, since
+    FID / CLIP score on a 4-image grid mean little and need downloads; ``selora.evaluate`` computes
+    them on the whole test split."""
+    from selora.profile import profile
+
+    if profile() != "offline":
+        return {}
+    from selora.metrics import trainer_metrics
+
+    return trainer_metrics("offline")
+
 
 #: Extra evaluation metrics (FID, CLIP score, ...): ``name -> fn(images, prompts, real) -> float``
 #: with the sample grid's PIL images, their prompts and the real images ``(n, 1, H, W)`` in [-1, 1].
-EVAL_METRICS: dict[str, Callable[[list, list[str], torch.Tensor], float]] = {}
+#: Computed when the grid shows held-out prompts (real images known) and has at least 2 images.
+#: Default: the offline proxies (``fid_proxy``, ``alignment_proxy``) in the offline profile.
+EVAL_METRICS: dict[str, Callable[[list, list[str], torch.Tensor], float]] = _default_metrics()
 
 #: Keys that may change when resuming (nothing that changes the model, data or optimisation).
 RESUME_KEYS = ("epochs", "checkpoint_every", "eval_every", "num_samples", "sample_steps", "guidance_scale",
@@ -97,12 +128,15 @@ class DiffusionModel(nn.Module):
     """UNet + text encoder as one module (one DDP wrapper, one controller over both).
 
     ``forward(noisy (N, 4, h, w), t (N,), ids (N, 77)) -> eps prediction (N, 4, h, w)``.
+    After :func:`add_adapters`, ``.adapters`` holds the method's per-step hooks
+    (:class:`selora.baselines.Adapters`).
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.adapters = None
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy, t, self.text_encoder(ids)[0]).sample
@@ -121,28 +155,61 @@ def load_base_pipeline(model: str, dtype: torch.dtype, device: torch.device):
     return pipe.to(device)
 
 
-def add_adapters(pipe, cfg: TrainConfig) -> DiffusionModel:
-    """Inject the method's adapters into ``pipe.unet`` (+ text encoder); everything else frozen.
+def check_method(cfg: TrainConfig) -> None:
+    """ConfigError for method settings the config schema cannot see (before any work)."""
+    if cfg.method == "adalora" and cfg.lora_rank > ADALORA_INIT_RANK:
+        raise ConfigError(f"lora_rank={cfg.lora_rank}: AdaLoRA prunes from rank {ADALORA_INIT_RANK} down to "
+                          f"lora_rank; expected lora_rank <= {ADALORA_INIT_RANK}")
 
-    Initial ``lora_A`` rows come from a generator seeded with ``cfg.seed`` (same on every process);
-    adapter parameters are float32 even when the frozen weights are half precision.
+
+def add_adapters(pipe, cfg: TrainConfig, total_steps: int | None = None,
+                 generator: torch.Generator | None = None) -> DiffusionModel:
+    """Put the method's adapters into ``pipe.unet`` (+ text encoder); everything else frozen.
+
+    Initial ``lora_A`` rows come from ``generator`` (default: seeded with ``cfg.seed``, the same on
+    every process; DyLoRA keeps drawing its truncations from it). AdaLoRA needs ``total_steps``
+    for its budget schedule (any value >= 1 when only loading weights: the masks live in E).
+    LoRA-family adapter parameters are float32 even when the frozen weights are half precision.
     """
+    from selora.baselines import make_adapters
+
     method = METHODS[cfg.method]
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    rank = cfg.values[method.rank_key]
-    inject(pipe.unet, cfg.unet_targets, kind=method.kind, rank=rank, scale=cfg.lora_scale, generator=gen)
-    if cfg.text_encoder_targets is not None:
-        inject(pipe.text_encoder, cfg.text_encoder_targets, kind=method.kind, rank=rank, scale=cfg.lora_scale,
-               generator=gen)
     model = DiffusionModel(pipe.unet, pipe.text_encoder)
+    rank = cfg.values[method.rank_key]
+    targets = {"unet": cfg.unet_targets}
+    if cfg.text_encoder_targets is not None:
+        targets["text_encoder"] = cfg.text_encoder_targets
+    check_method(cfg)
+    try:
+        model.adapters = make_adapters(model, method.kind, targets, scale=cfg.lora_scale, total_steps=total_steps,
+                                       generator=gen, **{method.rank_arg: rank}, **method.options)
+    except ValueError as err:
+        raise ConfigError(f"method={cfg.method}: {err}") from None
     for module in model.modules():
         for pname in ("lora_A", "lora_B"):
             p = getattr(module, pname, None)
             if isinstance(p, nn.Parameter) and p.dtype != torch.float32:
                 setattr(module, pname, nn.Parameter(p.detach().float()))
     return model
+
+
+def adapter_ranks(model: DiffusionModel) -> dict[str, int]:
+    """``{qualified layer name: rank}`` of every adapter: the LoRA family's rank (SeLoRA: as grown);
+    AdaLoRA's live rank, i.e. its initial rank until the allocator first masks triplets of E, then
+    the triplets its latest ``rank_pattern`` keeps."""
+    out = ranks(model)
+    tuner = model.adapters.tuner if model.adapters is not None else None
+    if tuner is not None:
+        from selora.baselines.adalora import ADAPTER
+        from selora.checkpoint import adalora_factors
+
+        pattern = tuner.peft_config[ADAPTER].rank_pattern or {}
+        for name, factors in adalora_factors(model).items():
+            keep = pattern.get(f"{name}.lora_E.{ADAPTER}")
+            out[name] = int(sum(keep)) if keep is not None else factors["lora_E"].shape[0]
+    return out
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -332,6 +399,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, max_steps: int | None = None,
                  progress: bool = True) -> None:
         self.cfg, self.run_dir, self.max_steps, self.progress = cfg, Path(run_dir), max_steps, progress
+        check_method(cfg)
         seed_everything(cfg.seed)  # global RNGs too (the trainer itself draws only from its own generators)
         self.d = init_distributed()
         if cfg.batch_size % self.d.world:
@@ -343,7 +411,9 @@ class Trainer:
 
         self._load_data(dtype)
         # adapters, optimizer, schedule, controller
-        self.model = add_adapters(self.pipe, cfg)
+        self.adapter_gen = torch.Generator().manual_seed(cfg.seed)  # lora_A rows, then DyLoRA's b draws
+        self.model = add_adapters(self.pipe, cfg, total_steps=self.total_steps, generator=self.adapter_gen)
+        self.adapters = self.model.adapters
         if cfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             self.pipe.text_encoder.gradient_checkpointing_enable()
@@ -377,7 +447,7 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
         for path in (self.metrics_path, self.ranks_path):
             _truncate_lines(path, 0)
-        _jsonl(self.ranks_path, {"step": 0, "ranks": ranks(self.model)})
+        _jsonl(self.ranks_path, {"step": 0, "ranks": adapter_ranks(self.model)})
 
     def _load_data(self, dtype: torch.dtype) -> None:
         """The frozen base pipeline, both splits encoded once (latents cached) and the DDPM schedule."""
@@ -408,7 +478,16 @@ class Trainer:
         return DistributedDataParallel(self.model, device_ids=ids, init_sync=False)
 
     def total_rank(self) -> int:
-        return sum(ranks(self.model).values())
+        return sum(adapter_ranks(self.model).values())
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The trainer's own generators whose states a checkpoint keeps."""
+        gens = {"train": self.gen}
+        if self.controller is not None:
+            gens["controller"] = self.controller.generator
+        if self.cfg.method == "dylora":
+            gens["truncation"] = self.adapter_gen
+        return gens
 
     def _log(self, record: dict) -> None:
         if self.d.main:
@@ -457,16 +536,18 @@ class Trainer:
         """One optimizer step on the global batch ``idx``; returns the mean loss or None if skipped."""
         self.attempt += 1
         noisy, t, ids, noise = self._batch_inputs(idx)
+        self.adapters.before_forward(self.step)  # DyLoRA: this step's truncation b
         with torch.autocast(self.d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             pred = self.ddp(noisy, t, ids)
         loss = F.mse_loss(pred.float(), noise.float())  # noise-prediction MSE, mean over the local batch
         if self.attempt in self.cfg.debug_nan_steps:  # test hook (config key debug_nan_steps)
             loss = loss * float("nan")
-        finite = self.d.all_sum(torch.tensor([float(torch.isfinite(loss).item())]))
+        reg = self.adapters.regulariser().float().to(loss.device)  # AdaLoRA: orth_reg_weight * R(A, B); else 0
+        finite = self.d.all_sum(torch.tensor([float(torch.isfinite(loss + reg).item())]))
         if finite.item() < self.d.world:
             self._skip("non-finite loss")
             return None
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss + reg).backward()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
@@ -482,19 +563,27 @@ class Trainer:
         self.scaler.update()
         self.lr_schedule.step()
         decisions = self.controller.step() if self.controller is not None else []
+        before = adapter_ranks(self.model) if self.cfg.method == "adalora" else None
+        self.adapters.after_step(self.step)  # AdaLoRA: update_and_allocate (needs this step's gradients)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.bad = 0
+        now = adapter_ranks(self.model) if before is not None else None
+        if now != before and self.d.main:  # AdaLoRA's allocator masked triplets of E
+            _jsonl(self.ranks_path, {"step": self.step, "ranks": now, "pruned": [k for k in now if now[k] < before[k]]})
         if decisions:
             grown = [d.name for d in decisions if d.expanded]
             if grown and self.d.world > 1:
                 self.ddp = self._wrap()  # new Parameter objects: DDP must register them
             if self.d.main:
-                _jsonl(self.ranks_path, {"step": self.step, "ranks": ranks(self.model), "expanded": grown,
+                _jsonl(self.ranks_path, {"step": self.step, "ranks": adapter_ranks(self.model), "expanded": grown,
                                          "ratios": {d.name: d.ratio for d in decisions}})
         mean_loss = (self.d.all_sum(loss.detach().float().reshape(1)) / self.d.world).item()
-        self._log({"kind": "train", "step": self.step, "batch": self.attempt, "epoch": self.epoch, "loss": mean_loss,
-                   "lr": self.optimizer.param_groups[0]["lr"], "total_rank": self.total_rank()})
+        record = {"kind": "train", "step": self.step, "batch": self.attempt, "epoch": self.epoch, "loss": mean_loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "total_rank": self.total_rank()}
+        if self.cfg.method == "adalora":
+            record["reg"] = reg.item()
+        self._log(record)
         return mean_loss
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -528,9 +617,15 @@ class Trainer:
         return [self.eval.prompts[i] for i in idx], self.eval.images[idx]
 
     def evaluate(self) -> dict[str, Any]:
-        """Eval loss (all processes), sample grid and :data:`EVAL_METRICS` (main process)."""
+        """Eval loss (all processes), sample grid and :data:`EVAL_METRICS` (main process).
+
+        DyLoRA is evaluated at its full rank r (the truncation a step drew is reset)."""
+        if self.cfg.method == "dylora":
+            from selora.baselines import set_truncation
+
+            set_truncation(self.model, None)
         record: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": self.epoch, "eval_loss": self.eval_loss(),
-                                  "total_rank": self.total_rank(), "trainable": num_trainable(self.model)}
+                                  "total_rank": self.total_rank(), **self.parameter_counts()}
         if self.d.main and self.cfg.num_samples > 0:
             prompts, real = self.sample_prompts()
             with torch.autocast(self.d.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -542,8 +637,9 @@ class Trainer:
             if real is not None and not (out / "real.png").is_file():
                 image_grid(to_pil(real), prompts).save(out / "real.png")  # the held-out scans themselves
             record["samples"] = f"samples/epoch-{self.epoch:03d}.png"
-            for name, fn in EVAL_METRICS.items():
-                record[name] = float(fn(images, prompts, real))
+            if real is not None and len(images) >= 2:  # a Fréchet distance needs two samples
+                for name, fn in EVAL_METRICS.items():
+                    record[name] = float(fn(images, prompts, real))
         self._log(record)
         return record
 
@@ -552,10 +648,12 @@ class Trainer:
         """Write ``checkpoints/last`` atomically (main process) and wait for it on every process."""
         if self.d.main:
             tensors, opt_meta = optimizer_to_files(self.optimizer)
-            gens = {"train": self.gen}
-            ctl = None
+            gens = self._generators()
+            ctl = adalora = None
+            if self.adapters.tuner is not None:
+                adalora_t, adalora = adalora_state_to_files(self.adapters.tuner)
+                tensors.update(adalora_t)
             if self.controller is not None:
-                gens["controller"] = self.controller.generator
                 cs = self.controller.state_dict()
                 ctl = {"count": cs["count"], "ranks": cs["ranks"], "candidates": sorted(cs["candidates"])}
                 tensors.update({f"controller.K.{k}": v for k, v in cs["candidates"].items()})
@@ -568,8 +666,10 @@ class Trainer:
                 "optimizer": opt_meta, "lr_schedule": self.lr_schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "controller": ctl, "rng": rng_meta,
             }
-            write_checkpoint(self.run_dir / "checkpoints" / "last", adapter_tensors(self.model), ranks(self.model),
-                             tensors, state)
+            if adalora is not None:
+                state["adalora"] = adalora
+            write_checkpoint(self.run_dir / "checkpoints" / "last", adapter_tensors(self.model),
+                             adapter_ranks(self.model), tensors, state)
         self.d.barrier()
 
     def _restore(self) -> None:
@@ -587,13 +687,12 @@ class Trainer:
                 "candidates": {k: tensors[f"controller.K.{k}"] for k in names},
             })
         load_adapter_tensors(self.model, adapters, where=str(found))
+        if self.adapters.tuner is not None:
+            adalora_state_from_files(self.adapters.tuner, tensors, state["adalora"])
         optimizer_from_files(self.optimizer, tensors, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
-        gens = {"train": self.gen}
-        if self.controller is not None:
-            gens["controller"] = self.controller.generator
-        set_rng_states(tensors, state["rng"], gens)
+        set_rng_states(tensors, state["rng"], self._generators())
         for key in ("step", "epoch", "batch", "attempt", "bad", "best", "finished"):
             setattr(self, key, state[key])
         if self.d.main:
@@ -606,14 +705,15 @@ class Trainer:
             return
         self.best = {"eval_loss": record["eval_loss"], "step": self.step, "epoch": self.epoch}
         if self.d.main:
-            write_checkpoint(self.run_dir / "best", adapter_tensors(self.model), ranks(self.model), state=self.best)
+            write_checkpoint(self.run_dir / "best", adapter_tensors(self.model), adapter_ranks(self.model),
+                             state=self.best)
 
     def _finish(self) -> None:
         self.finished = True
         if self.d.main:
             save_file(adapter_tensors(self.model), str(self.run_dir / ".adapters.tmp"))
             os.replace(self.run_dir / ".adapters.tmp", self.run_dir / "adapters.safetensors")
-            write_json(self.run_dir / "ranks.json", ranks(self.model))
+            write_json(self.run_dir / "ranks.json", adapter_ranks(self.model))
         self.save()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -652,9 +752,16 @@ class Trainer:
             bar.close()
         return self.summary("finished")
 
+    def parameter_counts(self) -> dict[str, Any]:
+        """``trainable`` adapter parameters, frozen ``base`` parameters (UNet + text encoder) and the fraction."""
+        from selora.baselines import count_parameters
+
+        counts = count_parameters(self.model)
+        return {"trainable": counts.trainable, "base": counts.base, "trainable_fraction": counts.fraction}
+
     def summary(self, status: str) -> dict[str, Any]:
         return {"status": status, "step": self.step, "epoch": self.epoch, "total_rank": self.total_rank(),
-                "trainable": num_trainable(self.model), "best": self.best, "run_dir": str(self.run_dir)}
+                **self.parameter_counts(), "best": self.best, "run_dir": str(self.run_dir)}
 
 
 # -- loading a finished run (sampling) ----------------------------------------------------------
@@ -681,7 +788,7 @@ def load_run(run_dir: Path | str, adapters: str = "best", merged: bool = False, 
         raise FileNotFoundError(f"{run_dir}: no adapters (best/, adapters.safetensors or checkpoints/last/)")
     dev = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     pipe = load_base_pipeline(cfg.model, torch.float32, dev)
-    model = add_adapters(pipe, cfg)
+    model = add_adapters(pipe, cfg, total_steps=1)  # AdaLoRA: the budget schedule is unused when only loading
     load_adapter_tensors(model, read_adapters(path), where=str(path))
     if merged:
         merge_adapters(model)

@@ -48,7 +48,7 @@ def test_config_by_path_and_unknown_name(tmp_path):
         ("interval: true\n", "key 'interval': expected int, got bool True"),
         ("interval: 0\n", "key 'interval': expected a value >= 1, got 0"),
         ("lr: fast\n", "key 'lr': expected int or float, got str 'fast'"),
-        ("method: dylora\n", "key 'method': expected one of selora, lora"),
+        ("method: dora\n", "key 'method': expected one of selora, lora"),
         ("mixed_precision: fp8\n", "key 'mixed_precision': expected one of no, fp16, bf16"),
         ("unet_targets: []\n", "key 'unet_targets': expected a non-empty list of strings"),
         ("prompt_dropout: 1.5\n", "key 'prompt_dropout': expected a probability"),

@@ -243,3 +243,105 @@ def test_cli_trains_stops_and_resumes(assets, tmp_path, capsys):
     assert main(["--resume", str(out), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "finished"
     assert (out / "adapters.safetensors").is_file()
+
+
+# -- the paper's baselines through the same trainer ----------------------------------------------
+def adapter_numel(run: Path, name: str) -> int:
+    return sum(t.numel() for t in load_file(str(run / name)).values())
+
+
+def test_dylora_draws_one_truncation_per_step_and_evaluates_at_full_rank(assets, tmp_path, monkeypatch):
+    import selora.baselines as baselines
+    from selora.baselines.dylora import dylora_layers
+
+    drawn, real_draw = [], baselines.sample_truncation
+
+    def observed(model, generator=None):  # the real draw, recorded
+        b = real_draw(model, generator)
+        drawn.append(b)
+        return b
+
+    monkeypatch.setattr(baselines, "sample_truncation", observed)
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(assets, method="dylora", epochs=1, num_samples=0), run, progress=False)
+    summary = trainer.run()
+    assert len(drawn) == summary["step"] and set(drawn) == {1, 2, 3, 4}, drawn
+    layers = dylora_layers(trainer.model)
+    assert layers and all(m.truncation == m.rank == 4 for m in layers.values()), "evaluated below full rank"
+    assert set(json.loads((run / "ranks.json").read_text()).values()) == {4}
+    record = read_records(run)["eval"][-1]
+    assert record["trainable"] == adapter_numel(run, "adapters.safetensors") == summary["trainable"]
+    assert 0 < record["trainable_fraction"] == record["trainable"] / record["base"] < 0.05
+
+
+def test_adalora_adds_its_regulariser_and_prunes_to_the_target_budget(assets, tmp_path):
+    from selora.baselines import orthogonal_regulariser
+
+    run, cfg = tmp_path / "run", tiny_config(assets, method="adalora", epochs=1, num_samples=0)
+    initial = 0.5 * orthogonal_regulariser(Trainer(cfg, tmp_path / "fresh", progress=False).model).item()
+    summary = Trainer(cfg, run, progress=False).run()
+    records = read_records(run)
+    train, history = records["train"], records["ranks"]
+    assert train[0]["reg"] == pytest.approx(initial, rel=1e-6), "step 1 did not use 0.5 R(A, B) of the initial adapters"
+    assert train[-1]["reg"] < 0.5 * train[0]["reg"], "the orthogonality regulariser was not minimised with the loss"
+    n = len(history[0]["ranks"])
+    assert set(history[0]["ranks"].values()) == {6} and n > 10
+    totals = [sum(h["ranks"].values()) for h in history]
+    assert totals == sorted(totals, reverse=True) and totals[-1] == 4 * n  # budget 6 -> 4 per layer on average
+    assert any(h["pruned"] for h in history[1:])
+    final = json.loads((run / "ranks.json").read_text())
+    assert final == history[-1]["ranks"] and summary["total_rank"] == 4 * n
+    saved = load_file(str(run / "adapters.safetensors"))
+    live = {k[: -len(".lora_E")]: int((v != 0).sum()) for k, v in saved.items() if k.endswith(".lora_E")}
+    assert live == final, "the saved E does not carry the pruning"
+    assert summary["trainable"] == adapter_numel(run, "adapters.safetensors")  # A, B and E at the initial rank 6
+    check_adalora_loads_back_unmerged_and_merged(run)
+
+
+@pytest.mark.parametrize("method, stop, total", [("dylora", 5, 9), ("adalora", 16, 22)])
+def test_baseline_resume_is_bitwise_identical(assets, tmp_path, method, stop, total):
+    """DyLoRA's truncation draws and AdaLoRA's allocator statistics and rank pattern survive a
+    checkpoint: an interrupted run resumed to the end equals an uninterrupted one. (AdaLoRA with
+    27 steps: pruning from step 3 to 21, final budget after; stopped inside the pruning phase.)"""
+    cfg = tiny_config(assets, method=method, epochs=1, num_samples=0)
+    full, split = tmp_path / "full", tmp_path / "split"
+    Trainer(cfg, full, max_steps=total, progress=False).run()
+    Trainer(cfg, split, max_steps=stop, progress=False).run()
+    Trainer(load_config(split / "config.yaml"), split, resume=True, max_steps=total, progress=False).run()
+    assert train_losses(split) == train_losses(full) and len(train_losses(full)) == total
+    assert read_records(split)["ranks"] == read_records(full)["ranks"]
+    a, b = (load_file(str(r / "checkpoints" / "last" / "adapters.safetensors")) for r in (full, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_file(str(r / "checkpoints" / "last" / "state.safetensors")) for r in (full, split))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if method == "adalora":
+        assert any(k.startswith("adalora.exp_avg_ipt.") for k in sa)
+        assert len(read_records(full)["ranks"]) > 1, "no pruning in the compared stretch"
+        state = json.loads((split / "checkpoints" / "last" / "state.json").read_text())
+        assert state["adalora"]["rank_pattern"], "rank pattern not checkpointed"
+
+
+def check_adalora_loads_back_unmerged_and_merged(run: Path) -> None:
+    """A finished AdaLoRA run loads into a fresh pipeline, and merging it changes no output."""
+    from selora.train import load_run
+
+    outputs = []
+    for merged in (False, True):
+        cfg, pipe = load_run(run, merged=merged, device=torch.device("cpu"))
+        ids = pipe.tokenizer(["a chest x-ray"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outputs.append(pipe.unet(x, torch.tensor([500]), pipe.text_encoder(ids)[0]).sample)
+        E = [p for n, p in pipe.unet.named_parameters() if "lora_E" in n]
+        if not merged:  # the loaded adapters are the trained ones, not the initial zeros of E
+            assert E and any(bool((p != 0).any()) for p in E)
+        else:
+            assert not E and not any("lora" in n for n, _ in pipe.unet.named_modules()), "AdaLoRA layers left"
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (outputs[0] - outputs[1]).abs().max()
+
+
+def test_adalora_target_rank_above_its_initial_rank_is_rejected(assets, tmp_path, capsys):
+    sets = [a for item in tiny_overrides(assets, method="adalora", lora_rank=8) for a in ("--set", item)]
+    assert main(["--config", "montgomery-offline", "--out", str(tmp_path / "run"), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lora_rank=8: AdaLoRA prunes from rank 6" in err[0], err

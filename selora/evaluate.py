@@ -1,0 +1,408 @@
+"""The Table 1 counterpart: every (method, seed) trained by the same trainer, sampled on the test split, scored.
+
+    python -m selora.evaluate --methods selora,lora,adalora,dylora --seeds 0,1,2 --out DIR
+        [--config montgomery-offline] [--set key=value ...] [--limit N] [--batch 8] [--no-progress]
+
+For each (method, seed) the run ``DIR/runs/<method>-seed<seed>/`` is trained with
+:class:`selora.train.Trainer` (config + ``--set`` + ``method=<method>`` + ``seed=<seed>``; an
+interrupted run is resumed), its best adapters (lowest held-out loss) are loaded, one image is
+generated per test-split prompt (image i with the generator seed ``10^5 · seed + i``), and the
+profile's two metrics are computed against the real test images (:func:`selora.metrics.evaluate`:
+FID / CLIP score in the paper profile, the validated proxies offline). Writes::
+
+    DIR/runs/<method>-seed<seed>/evaluation.json   that run's result (re-used on a re-run)
+    DIR/runs/<method>-seed<seed>/test-samples.png  the generated test images with their prompts
+    DIR/runs/<method>-seed<seed>/test-samples.safetensors  {"images": uint8 (N, 1, R, R)} (prompts in evaluation.json)
+    DIR/results.json   per run, mean ± std per method (sample std over seeds), provenance
+    DIR/results.md     the same as a markdown table
+
+Trainable parameters are the adapters of the evaluated checkpoint (SeLoRA: at its grown rank;
+AdaLoRA: its allocated initial-rank tensors), absolute and as a fraction of the frozen UNet + text
+encoder. Exit codes: 0 done, 1 a run stopped on non-finite losses, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from selora.config import ConfigError, TrainConfig, load_config
+
+RESULTS_JSON, RESULTS_MD, RUN_RESULT = "results.json", "results.md", "evaluation.json"
+SAMPLE_SEED_STRIDE = 100_000  # generator seed of test image i in a run of seed s: s * stride + i
+#: Per-run numbers summarised as mean ± std per method (besides the metrics).
+SUMMARY_KEYS = ("trainable", "trainable_fraction", "total_rank", "train_seconds", "sample_seconds")
+
+#: ``fn(generated (N, 1, H, W), prompts, real (M, 1, H, W)) -> {metric name: value}``.
+MetricFn = Callable[[torch.Tensor, list[str], torch.Tensor], dict[str, float]]
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list:
+    """``"a,b,c"`` -> ``[cast(a), cast(b), cast(c)]``; ConfigError naming ``what`` when empty or repeated."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [cast(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{what} {text}: expected a comma-separated list of {cast.__name__}") from None
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(f"{what} {text}: expected a non-empty comma-separated list without repeats")
+    return values
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over (relative path, bytes) of every file under ``folder``, in sorted order; hex."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def data_sha256(cfg: TrainConfig) -> str:
+    """sha256 of what the runs see: per split (train, ``eval_split``) the prompts and the
+    preprocessed images ``(1, R, R)`` as float32 bytes, in data-set order; hex."""
+    from selora.train import open_dataset
+
+    digest = hashlib.sha256()
+    for split in ("train", cfg.eval_split):
+        ds = open_dataset(cfg, split)
+        digest.update(f"{split}:{len(ds)}\0".encode())
+        for i in range(len(ds)):
+            item = ds[i]
+            digest.update(item["prompt"].encode() + b"\0")
+            digest.update(item["image"].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def git_commit() -> dict[str, Any] | None:
+    """``{"commit": hex, "dirty": bool}`` of the source checkout, or None outside a git checkout."""
+    from selora.paths import repo_root
+
+    root = repo_root()
+    if root is None:
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def model_provenance(cfg: TrainConfig) -> dict[str, Any]:
+    """The base model: hub id (paper) or the shipped / local folder's name and content hash."""
+    from selora.models import MINI_SD_DIR, SD15_MODEL_ID
+
+    if cfg.model == "sd-v1-5":
+        return {"model": "sd-v1-5", "hub_id": SD15_MODEL_ID}
+    folder = MINI_SD_DIR if cfg.model == "mini-sd" else Path(cfg.model)
+    return {"model": cfg.model if cfg.model == "mini-sd" else folder.name, "sha256": folder_sha256(folder)}
+
+
+def metric_provenance(profile: str) -> dict[str, Any]:
+    """Which weights the metrics used: the shipped proxies' content hashes, or the paper's models."""
+    from selora.metrics import CLIP_MODEL_ID, LABELS, load_proxy
+
+    if profile == "offline":
+        return {kind: {"label": LABELS[key], "fingerprint": load_proxy(kind).fingerprint}
+                for kind, key in (("frechet", "fid_proxy"), ("alignment", "alignment_proxy"))}
+    return {"fid": "torchmetrics FrechetInceptionDistance(feature=2048), 299 px bilinear",
+            "clip_score": CLIP_MODEL_ID}
+
+
+# -- one run ------------------------------------------------------------------------------------
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def check_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """ConfigError when ``run_dir`` exists and was trained with a different config (never mixed silently)."""
+    from selora.train import run_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return
+    saved = run_config(run_dir).values
+    diff = [k for k in cfg.values if saved.get(k) != cfg.values[k]]
+    if diff:
+        raise ConfigError(f"{run_dir.name}: trained with a different config ({diff[0]}: {saved.get(diff[0])!r} there, "
+                          f"{cfg.values[diff[0]]!r} now); use a new --out")
+
+
+def train_run(cfg: TrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train ``run_dir`` to the end, resuming an interrupted run; ``{"train_seconds", "resumed"}``
+    (a resumed run's time covers only this process's part)."""
+    from selora.train import Trainer
+
+    check_run_config(cfg, run_dir)
+    resume = (run_dir / "config.yaml").is_file()
+    start = time.perf_counter()
+    Trainer(cfg, run_dir, resume=resume, progress=progress).run()
+    return {"train_seconds": time.perf_counter() - start, "resumed": resume}
+
+
+def adapter_counts(run_dir: Path, pipe) -> dict[str, dict[str, Any]]:
+    """Trainable (adapter) and frozen base parameters per part (``unet``, ``text_encoder``, ``total``)
+    of the evaluated checkpoint, from its adapter file and the loaded pipeline."""
+    from selora.baselines import count_parameters
+
+    best = run_dir / "best" / "adapters.safetensors"
+    tensors = load_file(str(best if best.is_file() else run_dir / "adapters.safetensors"))
+    out = {}
+    for part in ("unet", "text_encoder"):
+        trainable = sum(t.numel() for k, t in tensors.items() if k.startswith(part + "."))
+        base = count_parameters(getattr(pipe, part)).base
+        out[part] = {"trainable": trainable, "base": base, "fraction": trainable / base}
+    trainable, base = (sum(out[p][k] for p in ("unet", "text_encoder")) for k in ("trainable", "base"))
+    out["total"] = {"trainable": trainable, "base": base, "fraction": trainable / base}
+    return out
+
+
+def held_out_split(cfg: TrainConfig, limit: int | None) -> tuple[list[str], torch.Tensor]:
+    """Prompts and real images ``(N, 1, R, R)`` in [-1, 1] of the test split (first ``limit``)."""
+    from selora.train import open_dataset
+
+    ds = open_dataset(cfg, "test")
+    n = len(ds) if limit is None else min(limit, len(ds))
+    items = [ds[i] for i in range(n)]
+    return [it["prompt"] for it in items], torch.stack([it["image"].float() for it in items])
+
+
+def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int | None = None, batch: int = 8,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train, sample the test split and score one (method, seed); writes ``run_dir/evaluation.json``."""
+    from selora.metrics import images_from_pil
+    from selora.sample import generate, image_grid
+    from selora.train import load_run
+
+    timing = train_run(cfg, run_dir, progress)
+    _, pipe = load_run(run_dir, adapters="best")
+    prompts, real = held_out_split(cfg, limit)
+    start = time.perf_counter()
+    images = generate(pipe, prompts, cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
+                      seed=cfg.seed * SAMPLE_SEED_STRIDE, batch=batch, progress=progress)
+    sample_seconds = time.perf_counter() - start
+    image_grid(images, prompts, cols=min(8, len(images))).save(run_dir / "test-samples.png")
+    generated = images_from_pil(images)
+    pixels = ((generated + 1) * 127.5).round().to(torch.uint8).contiguous()
+    save_file({"images": pixels}, str(run_dir / ".test-samples.tmp"))
+    os.replace(run_dir / ".test-samples.tmp", run_dir / "test-samples.safetensors")
+    scores = metrics(generated, prompts, real)
+    state = json.loads((run_dir / "best" / "state.json").read_text(encoding="utf-8"))
+    ranks = json.loads((run_dir / "best" / "ranks.json").read_text(encoding="utf-8"))
+    counts = adapter_counts(run_dir, pipe)
+    result = {
+        "method": cfg.method, "seed": cfg.seed, "run_dir": f"runs/{run_dir.name}",
+        "metrics": {k: float(v) for k, v in scores.items()},
+        "trainable": counts["total"]["trainable"], "trainable_fraction": counts["total"]["fraction"],
+        "parameters": counts, "total_rank": sum(ranks.values()),
+        "best": {"epoch": state["epoch"], "step": state["step"], "eval_loss": state["eval_loss"]},
+        "num_test_images": len(prompts), "prompts": prompts, **timing, "sample_seconds": sample_seconds,
+    }
+    _write_atomic(run_dir / RUN_RESULT, json.dumps(result, indent=1))
+    return result
+
+
+# -- the experiment -----------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}``; ``std`` is the sample standard deviation (None for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def summarise(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method: mean ± std over its runs of every metric and of :data:`SUMMARY_KEYS`."""
+    out = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        row = {"seeds": [r["seed"] for r in mine]}
+        row["metrics"] = {k: mean_std([r["metrics"][k] for r in mine]) for k in mine[0]["metrics"]}
+        row.update({k: mean_std([float(r[k]) for r in mine]) for k in SUMMARY_KEYS})
+        out[method] = row
+    return out
+
+
+def _pm(stat: dict[str, Any], digits: int) -> str:
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the per-method table (mean ± std over seeds) and the provenance."""
+    from selora.metrics import LABELS
+
+    summary, prov = results["summary"], results["provenance"]
+    keys = list(next(iter(summary.values()))["metrics"])
+    head = ["method", "seeds", *(LABELS.get(k, k) for k in keys), "trainable params", "% of base",
+            "total rank", "train time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in summary.items():
+        cells = [method, ",".join(map(str, row["seeds"])), *(_pm(row["metrics"][k], 2) for k in keys),
+                 f"{row['trainable']['mean']:,.0f}", f"{100 * row['trainable_fraction']['mean']:.3f}",
+                 f"{row['total_rank']['mean']:.0f}", f"{row['train_seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("Offline profile: proxy metrics, not comparable with the paper's FID / CLIP score."
+            if prov["profile"] == "offline" else "Paper profile: FID and CLIP score.")
+    git = prov["git"] or {}
+    info = [
+        f"- profile: {prov['profile']} ({note})",
+        f"- base model: {prov['model']['model']} (" + (f"hub id {prov['model']['hub_id']})" if "hub_id" in prov["model"]
+                                                      else f"folder sha256 {prov['model']['sha256']})"),
+        f"- data: {prov['dataset']}, sha256 {prov['data_sha256']}",
+        f"- seeds: {', '.join(map(str, prov['seeds']))}; test images per run: {prov['num_test_images']}",
+        f"- git commit: {git.get('commit', 'unknown')}" + (" (uncommitted changes)" if git.get("dirty") else ""),
+        f"- metrics: {json.dumps(prov['metrics'])}",
+        f"- mean ± sample std over seeds; trainable parameters = adapters of the evaluated (best) checkpoint",
+    ]
+    return "# Results: methods × seeds on the test split\n\n" + "\n".join(lines) + "\n\n## Provenance\n\n" + \
+        "\n".join(info) + "\n"
+
+
+def _portable(value: Any) -> Any:
+    """An absolute path (a local model or data folder) reduced to its last part; anything else as is."""
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
+
+
+def provenance(cfg: TrainConfig, methods: Sequence[str], seeds: Sequence[int], config: str,
+               overrides: Sequence[str], limit: int | None) -> dict[str, Any]:
+    """Everything needed to say where the numbers come from (no absolute paths)."""
+    import diffusers
+    import peft
+    import transformers
+
+    import selora
+    from selora.profile import profile
+    from selora.train import open_dataset
+
+    name = profile()
+    values = {k: _portable(v) for k, v in cfg.values.items() if k not in ("method", "seed")}
+    overrides = [f"{k}={_portable(v)}" for k, _, v in (o.partition("=") for o in overrides)]
+    return {
+        "profile": name, "model": model_provenance(cfg), "dataset": cfg.dataset, "data_sha256": data_sha256(cfg),
+        "methods": list(methods), "seeds": list(seeds), "config": Path(config).name, "overrides": list(overrides),
+        "resolved_config": values, "num_test_images": min(len(open_dataset(cfg, "test")), limit or math.inf),
+        "metrics": metric_provenance(name),
+        "git": git_commit(),
+        "versions": {"selora": selora.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_configs(config: str, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
+                ) -> dict[tuple[str, int], TrainConfig]:
+    """The validated config of every (method, seed); every problem is a ConfigError before any work."""
+    from selora.train import METHODS
+
+    taken = [o for o in overrides if o.partition("=")[0].strip() in ("method", "seed")]
+    if taken:
+        raise ConfigError(f"--set {taken[0]}: method and seed are set by --methods and --seeds")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds: expected integers >= 0, got {list(seeds)}")
+    return {(m, s): load_config(config, [*overrides, f"method={m}", f"seed={s}"]) for m in methods for s in seeds}
+
+
+def run_experiment(methods: Sequence[str], seeds: Sequence[int], out: Path | str, config: str = "montgomery-offline",
+                   overrides: Sequence[str] = (), limit: int | None = None, batch: int = 8,
+                   metrics: MetricFn | None = None, progress: bool = True) -> dict[str, Any]:
+    """Every (method, seed) through :func:`evaluate_run`, then ``results.json`` and ``results.md`` in ``out``.
+
+    ``metrics`` defaults to :func:`selora.metrics.evaluate` of the active profile. A run whose
+    ``evaluation.json`` exists is not redone (so an interrupted experiment continues).
+    """
+    from functools import partial
+
+    from selora.metrics import evaluate
+
+    if limit is not None and limit < 2:
+        raise ConfigError(f"--limit {limit}: expected at least 2 test images (a Fréchet distance needs two)")
+    if batch < 1:
+        raise ConfigError(f"--batch {batch}: expected an integer >= 1")
+    configs = run_configs(config, overrides, methods, seeds)
+    out = Path(out)
+    for (method, seed), cfg in configs.items():
+        check_run_config(cfg, out / "runs" / run_name(method, seed))
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    metrics = metrics or partial(evaluate, profile=None)
+    runs = []
+    for (method, seed), cfg in configs.items():
+        run_dir = out / "runs" / run_name(method, seed)
+        done = run_dir / RUN_RESULT
+        if done.is_file():
+            runs.append(json.loads(done.read_text(encoding="utf-8")))
+            continue
+        runs.append(evaluate_run(cfg, run_dir, metrics, limit, batch, progress))
+    first = next(iter(configs.values()))
+    results = {"provenance": provenance(first, methods, seeds, config, overrides, limit),
+               "summary": summarise(runs, methods), "runs": runs}
+    _write_atomic(out / RESULTS_JSON, json.dumps(results, indent=1))
+    _write_atomic(out / RESULTS_MD, markdown(results))
+    return results
+
+
+# -- command line -------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI (module docstring): 0 done, 1 a run stopped (non-finite loss), 2 bad input."""
+    ap = argparse.ArgumentParser(prog="python -m selora.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="selora,lora,adalora,dylora", help="comma-separated methods")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ap.add_argument("--out", type=Path, required=True, help="experiment folder (created; re-runs continue it)")
+    ap.add_argument("--config", default="montgomery-offline", help="config file or shipped name")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every run (repeatable)")
+    ap.add_argument("--limit", type=int, help="only the first N test images (smoke runs)")
+    ap.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from selora.data.errors import DataError
+    from selora.profile import set_threads
+    from selora.train import NonFiniteLossError
+
+    try:
+        methods = parse_list(args.methods, "--methods")
+        seeds = parse_list(args.seeds, "--seeds", int)
+        set_threads()
+        results = run_experiment(methods, seeds, args.out, args.config, args.overrides, args.limit, args.batch,
+                                 progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print((args.out / RESULTS_MD).read_text(encoding="utf-8"))
+    print(json.dumps({m: {k: round(v["mean"], 4) for k, v in row["metrics"].items()}
+                      for m, row in results["summary"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
