@@ -1,0 +1,520 @@
+"""Speed and memory of SeLoRA at Stable Diffusion v1.5's real shapes (issue 10).
+
+    python benchmarks/sd15.py [--quick] [--rounds N] [--threads N] [--batches 1 2]
+                              [--device cpu|cuda] [--dtype float32|float16|bfloat16] [--out-dir DIR]
+
+The base is SD v1.5's UNet (diffusers' default ``UNet2DConditionModel`` config with a 768-wide
+cross-attention, ~860 M parameters) and a CLIP ViT-L/14 text encoder (~123 M), randomly initialised:
+no download. ``--quick`` builds the shipped mini SD's configs instead (``selora/assets/mini-sd``):
+smaller widths, the same code path. Inputs: a 28x28 latent (224 px images), 77 tokens, batch 1 and 2.
+Adapters go on every ``nn.Linear`` of the UNet and of the text encoder.
+
+Measurement:
+* times: ONE child process builds the frozen base once and every timed configuration as a copy that
+  shares its frozen weights; rounds interleave the configurations (order rotated every round) and the
+  median over rounds is reported. On CPU the clock is the process CPU time of a single-threaded
+  process (waiting for a core shared with other jobs is not counted); on CUDA wall time after a sync.
+* peak memory: a FRESH child process per (configuration, batch) builds the model, runs two steps and
+  reports its peak RSS (``resource.getrusage``; on CUDA ``torch.cuda.max_memory_allocated``).
+* ratios (machine noise cancels): geometric mean over the batch sizes of the per-batch median ratios.
+
+Results go to ``results.json`` (with a ``ratios`` object) and ``results.md`` in ``--out-dir``
+(default: this folder), written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import selora
+from selora.checkpoint import merge_adapters
+from selora.layers import SeLoRALinear, lora_layers
+from selora.paths import ASSETS_DIR
+from selora.train import DiffusionModel
+
+HERE = Path(__file__).resolve().parent
+LATENT = 28  # 224 px / 8 (VAE factor)
+TOKENS = 77
+LORA_RANK = 4
+T_INTERVAL = 40  # the paper's test interval t
+#: text-encoder / UNet layers that get rank 4 in the mixed-rank state (where the paper's Fig. 3
+#: concentrates rank: q and k of cross-attention and of the text encoder's self-attention)
+MIXED_HIGH = ("attn2.to_q", "attn2.to_k", "self_attn.q_proj", "self_attn.k_proj")
+
+#: configuration -> what one measured call does (issue 10, items 1-8)
+CONFIGS: dict[str, str] = {
+    "frozen": "1. frozen base: forward + backward to the inputs (latent and text embeddings)",
+    "lora_selora": "2. selora LoRALinear r=4: train step (AdamW)",
+    "lora_peft": "3. PEFT LoRA r=4, same targets: train step (AdamW)",
+    "selora_r1": "4. SeLoRA plain step, every layer at rank 1",
+    "selora_mixed": "4. SeLoRA plain step, mixed ranks (cross-attn/text q,k at 4, others 1-2)",
+    "selora_test_r1": "5. SeLoRA expansion-test step (Fisher hooks on), rank 1",
+    "selora_test_mixed": "5. SeLoRA expansion-test step (Fisher hooks on), mixed ranks",
+    "authors_mixed": "6. authors' scheme: plain step + one extra forward + backward, mixed ranks",
+    "full_ft": "7. full fine-tuning of UNet + text encoder with Adam",
+    "infer_base": "8. inference forward: base model",
+    "infer_unmerged": "8. inference forward: unmerged SeLoRA adapters (mixed ranks)",
+    "infer_merged": "8. inference forward: adapters merged into the weights",
+}
+#: timed interleaved in one process (full fine-tuning needs its own weights: timed in its memory child)
+TIMED = [name for name in CONFIGS if name != "full_ft"]
+MEMORY = ["frozen", "lora_selora", "lora_peft", "selora_r1", "selora_test_mixed", "full_ft"]
+#: ratio key -> (numerator, denominator, goal); amortized_t40 is derived from test_step_vs_plain
+RATIOS: dict[str, tuple[str, str, float]] = {
+    "lora_selora_vs_peft": ("lora_selora", "lora_peft", 1.00),
+    "test_step_vs_plain": ("selora_test_mixed", "selora_mixed", 1.10),
+    "authors_test_step_vs_plain": ("authors_mixed", "selora_mixed", 2.0),
+    "amortized_t40": ("", "", 1.003),
+    "peak_mem_vs_full_ft": ("selora_test_mixed", "full_ft", 0.45),
+    "merged_infer_vs_base": ("infer_merged", "infer_base", 1.01),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# -- models ---------------------------------------------------------------------------------------
+def build_base(quick: bool, dtype: torch.dtype, device: torch.device) -> DiffusionModel:
+    """The frozen UNet + text encoder (random weights): SD v1.5 shapes, or the mini SD's with ``quick``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    if quick:
+        mini = ASSETS_DIR / "mini-sd"
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(mini / "unet"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(mini / "text_encoder", local_files_only=True))
+    else:
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD v1.5 architecture
+        text = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=TOKENS, projection_dim=768, hidden_act="quick_gelu"))  # CLIP ViT-L/14
+    model = DiffusionModel(unet, text).to(device=device, dtype=dtype)
+    return model.requires_grad_(False)
+
+
+def make_inputs(model: DiffusionModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``(noisy (N, 4, 28, 28), t (N,), ids (N, 77), noise (N, 4, 28, 28))``, seeded."""
+    g = torch.Generator().manual_seed(batch)
+    vocab = model.text_encoder.config.vocab_size
+    noisy = torch.randn(batch, 4, LATENT, LATENT, generator=g)
+    noise = torch.randn(batch, 4, LATENT, LATENT, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    ids = torch.randint(0, vocab, (batch, TOKENS), generator=g)
+    return noisy.to(device, dtype), t.to(device), ids.to(device), noise.to(device)
+
+
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A copy of ``base``'s module tree that shares its parameter and buffer tensors (no weight copy)."""
+    memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def _fp32_adapters(model: nn.Module) -> None:
+    """Adapter (trainable) parameters in float32 when the frozen weights are half precision."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def add_selora(model: DiffusionModel, kind: str, rank: int, mixed: bool = False) -> None:
+    """Adapters of ``kind`` on every linear layer of UNet and text encoder; ``mixed`` grows SeLoRA
+    layers to the mixed-rank state (``MIXED_HIGH`` at rank 4, the others alternating 1 and 2)."""
+    gen = torch.Generator().manual_seed(1)
+    for part in (model.unet, model.text_encoder):
+        selora.inject(part, "all-linear", kind=kind, rank=rank, generator=gen)
+    if mixed:
+        for i, (name, layer) in enumerate(lora_layers(model, SeLoRALinear).items()):
+            target = 4 if any(name.endswith(s) for s in MIXED_HIGH) else 1 + i % 2
+            if target > layer.rank:
+                layer.expand(target - layer.rank, generator=gen)
+    _fp32_adapters(model)
+
+
+def add_peft(model: DiffusionModel, rank: int) -> None:
+    """PEFT LoRA (scaling alpha / r = 1, no dropout) on the same linear layers as :func:`add_selora`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names), model)
+    _fp32_adapters(model)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(name: str, base: DiffusionModel, autocast: torch.dtype | None) -> tuple[Callable[[tuple], None], int]:
+    """``(step(inputs), trainable parameter count)`` of configuration ``name`` on (a shared copy of) ``base``.
+
+    A train step is forward, noise-prediction MSE, backward, optimizer step, controller step, zero_grad.
+    """
+    device_type = next(base.parameters()).device.type
+    model = base if name == "full_ft" else shared_copy(base)
+    ctl = None
+    extra_pass = False
+    if name == "full_ft":
+        for p in model.parameters():  # master weights in float32 (a no-op for float32 runs)
+            p.data = p.data.float()
+        model.requires_grad_(True)
+    elif name == "frozen":
+        embeddings = model.text_encoder.embeddings
+        embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
+    elif name in ("lora_selora", "lora_peft"):
+        add_peft(model, LORA_RANK) if name == "lora_peft" else add_selora(model, "lora", LORA_RANK)
+    elif name.startswith(("selora", "authors", "infer_unmerged", "infer_merged")):
+        add_selora(model, "selora", 1, mixed=not name.endswith("r1"))
+        extra_pass = name.startswith("authors")
+        if name == "infer_merged":
+            merge_adapters(model)
+    params = trainable(model)
+    opt = None
+    if params and not name.startswith("infer"):
+        opt = (torch.optim.Adam if name == "full_ft" else torch.optim.AdamW)(params, lr=1e-4)
+    if name.startswith(("selora", "authors")):
+        # a test step on every call (interval 1) that never expands (threshold 1e30): shapes stay put
+        interval = 1 if "test" in name else 10**9
+        ctl = selora.ExpansionController(model, opt, threshold=1e30, interval=interval)
+
+    def loss_of(inputs: tuple) -> torch.Tensor:
+        noisy, t, ids, noise = inputs
+        if name == "frozen":
+            noisy = noisy.detach().requires_grad_(True)
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            pred = model(noisy, t, ids)
+        return F.mse_loss(pred.float(), noise.float())
+
+    if name.startswith("infer"):
+        @torch.no_grad()
+        def step(inputs: tuple) -> None:
+            noisy, t, ids, _ = inputs
+            with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                model(noisy, t, ids)
+        return step, 0
+
+    def step(inputs: tuple) -> None:
+        loss_of(inputs).backward()
+        if opt is not None:
+            opt.step()
+        if ctl is not None:
+            ctl.step()
+        if extra_pass:
+            loss_of(inputs).backward()  # the authors' separate scoring pass
+        model.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+# -- children -------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device) -> float:
+    """Seconds: process CPU time on CPU (single-threaded), wall time on CUDA."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
+def timing_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved rounds over every configuration in ``TIMED`` x ``args.batches``; raw seconds."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    autocast = None if dtype == torch.float32 else dtype
+    base = build_base(args.quick, dtype, device)
+    steps = {name: make_step(name, base, autocast) for name in TIMED}
+    inputs = {b: make_inputs(base, b, device, dtype) for b in args.batches}
+    jobs = [(name, b) for b in args.batches for name in TIMED]
+    cpu: dict[str, dict[str, list[float]]] = {name: {str(b): [] for b in args.batches} for name in TIMED}
+    wall: dict[str, dict[str, list[float]]] = {name: {str(b): [] for b in args.batches} for name in TIMED}
+    for name in TIMED:  # warm-up: one call of each configuration at the smallest batch
+        steps[name][0](inputs[min(args.batches)])
+    for r in range(args.rounds):
+        shift = (r * len(jobs)) // max(args.rounds, 1)
+        for name, b in jobs[shift:] + jobs[:shift]:
+            _sync(device)
+            t0, w0 = _clock(device), time.perf_counter()
+            steps[name][0](inputs[b])
+            _sync(device)
+            cpu[name][str(b)].append(_clock(device) - t0)
+            wall[name][str(b)].append(time.perf_counter() - w0)
+        print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    return {"seconds": cpu, "wall_seconds": wall, "trainable": {name: s[1] for name, s in steps.items()},
+            "base_parameter_bytes": sum(p.numel() * 4 for p in base.parameters())}
+
+
+def memory_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one fresh process running two steps of ``args.config`` at ``args.batch``."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    base = build_base(args.quick, dtype, device)
+    step, n_train = make_step(args.config, base, None if dtype == torch.float32 else dtype)
+    inputs = make_inputs(base, args.batch, device, dtype)
+    seconds = []
+    for _ in range(2):
+        _sync(device)
+        t0 = _clock(device)
+        step(inputs)
+        _sync(device)
+        seconds.append(_clock(device) - t0)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"  # KiB on Linux
+    return {"peak_bytes": int(peak), "kind": kind, "seconds": seconds, "trainable": n_train}
+
+
+def _child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads), "--device", args.device,
+           "--dtype", args.dtype, "--rounds", str(args.rounds), "--batches", *map(str, args.batches), *extra]
+    return cmd + (["--quick"] if args.quick else [])
+
+
+def _finish_child(proc: subprocess.Popen) -> dict[str, Any]:
+    """Wait for a child started with ``stdout=PIPE``; its last stdout line is its JSON result."""
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}): {' '.join(map(str, proc.args[2:]))}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _run_child(cmd: list[str]) -> dict[str, Any]:
+    return _finish_child(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+
+
+def _fits(frozen: dict[str, Any], timing: dict[str, Any]) -> bool:
+    """Whether full fine-tuning (frozen peak + grads + two Adam moments, +10 %) fits in free memory."""
+    avail = _mem_available()
+    need = 1.1 * (frozen["peak_bytes"] + 3 * timing["base_parameter_bytes"])
+    return avail is None or avail > need
+
+
+def _mem_available() -> int | None:
+    """MemAvailable in bytes (Linux), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- the orchestrating parent ---------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """CPU model, cores, threads, memory, versions, load average (no host names)."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_bytes": mem,
+                            "os": platform.system(), "python": platform.python_version(),
+                            "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def compute_ratios(times: dict[str, dict[str, float]], memory: dict[str, dict[str, Any]], batches: list[int]
+                   ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``(ratios, ratios by batch)`` from median seconds and peak bytes (module docstring)."""
+    by_batch: dict[str, dict[str, float]] = {}
+    for b in map(str, batches):
+        row = {}
+        for key, (num, den, _) in RATIOS.items():
+            if key == "peak_mem_vs_full_ft":
+                row[key] = memory[num][b]["peak_bytes"] / memory[den][b]["peak_bytes"]
+            elif num:
+                row[key] = times[num][b] / times[den][b]
+        # a test step every t steps, plain steps otherwise: ((t - 1) plain + test) / (t plain)
+        row["amortized_t40"] = (T_INTERVAL - 1 + row["test_step_vs_plain"]) / T_INTERVAL
+        by_batch[b] = row
+    ratios = {key: _geomean([by_batch[str(b)][key] for b in batches]) for key in RATIOS}
+    return ratios, by_batch
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Launch the timing child and the memory children, collect everything into one results dict."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_start = os.getloadavg()
+    # the timing child runs alongside the memory children (its clock is its own CPU time); full
+    # fine-tuning, the memory-hungry one, runs alone after the timing child has finished
+    timing_proc = subprocess.Popen(_child_cmd(args, "--child", "timing"), stdout=subprocess.PIPE, text=True)
+    small = [(name, b) for name in MEMORY if name != "full_ft" for b in args.batches]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = pool.map(lambda job: _run_child(_child_cmd(args, "--child", "memory", "--config", job[0],
+                                                                "--batch", str(job[1]))), small)
+        memory: dict[str, dict[str, Any]] = {name: {} for name in MEMORY}
+        for (name, b), out in zip(small, results):
+            memory[name][str(b)] = out
+            print(f"memory {name} batch {b}: {out['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    timing = _finish_child(timing_proc)
+    notes = []
+    for b in map(str, args.batches):
+        why = "not enough free memory to run it" if args.device == "cpu" and not _fits(memory["frozen"][b], timing) else ""
+        if not why:
+            try:
+                memory["full_ft"][b] = _run_child(_child_cmd(args, "--child", "memory", "--config", "full_ft",
+                                                             "--batch", b))
+            except RuntimeError as err:  # e.g. killed for lack of memory
+                why = str(err)
+        if why:
+            # weights in float32 + gradients + two Adam moments on top of the frozen run's peak
+            need = memory["frozen"][b]["peak_bytes"] + 3 * timing["base_parameter_bytes"]
+            memory["full_ft"][b] = {"peak_bytes": need, "kind": "estimate", "seconds": None, "trainable": None}
+            notes.append(f"full_ft batch {b}: {why}; peak memory ESTIMATED as the frozen run's peak + 3 x "
+                         "parameter bytes (a lower bound, so the memory ratio is an upper bound)")
+            continue
+        print(f"memory full_ft batch {b}: {memory['full_ft'][b]['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    medians = {name: {b: statistics.median(v) for b, v in per.items()} for name, per in timing["seconds"].items()}
+    medians["full_ft"] = {b: statistics.median(m["seconds"][1:]) if m["seconds"] else None
+                          for b, m in memory["full_ft"].items()}
+    notes.append("full_ft time: the second step of its own memory process (not interleaved; one sample)")
+    ratios, by_batch = compute_ratios(medians, memory, args.batches)
+    return {
+        "schema": 1,
+        "quick": args.quick,
+        "started_utc": started,
+        "machine": machine() | {"load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
+        "settings": {"torch_threads": args.threads, "rounds": args.rounds, "warmup": 1, "batches": args.batches,
+                     "latent": [LATENT, LATENT], "tokens": TOKENS, "device": args.device, "dtype": args.dtype,
+                     "lora_rank": LORA_RANK, "test_interval": T_INTERVAL,
+                     "clock": "wall (cuda sync)" if args.device == "cuda" else "process CPU time",
+                     "ratio_aggregate": "geometric mean over batch sizes of per-batch median ratios"},
+        "configs": CONFIGS,
+        "seconds_median": medians,
+        "seconds_samples": timing["seconds"],
+        "wall_seconds_samples": timing["wall_seconds"],
+        "trainable_parameters": timing["trainable"] | {"full_ft": timing["base_parameter_bytes"] // 4},
+        "memory": memory,
+        "ratios": ratios,
+        "ratios_by_batch": by_batch,
+        "goals": {key: goal for key, (_, _, goal) in RATIOS.items()},
+        "notes": notes,
+    }
+
+
+def _fmt(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds:.3f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The results as a markdown page: ratios against goals, absolute times, peak memory, machine."""
+    goals, m, s = res["goals"], res["machine"], res["settings"]
+    approx = {"authors_test_step_vs_plain"}
+    lines = ["# SeLoRA benchmark at Stable Diffusion v1.5 shapes" + (" (quick smoke run)" if res["quick"] else ""), "",
+             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, "
+             f"{s['torch_threads']} torch thread(s), {s['device']} {s['dtype']}; load average "
+             f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end. "
+             f"Latent {s['latent'][0]}x{s['latent'][1]}, batches {s['batches']}, median of {s['rounds']} "
+             f"interleaved rounds ({s['clock']}).", "",
+             "| ratio | value | goal | met |", "|---|---:|---:|:---:|"]
+    for key, value in res["ratios"].items():
+        goal = goals[key]
+        op, met = ("≈", abs(value - goal) <= 0.25 * goal) if key in approx else ("≤", value <= goal)
+        lines.append(f"| `{key}` | {value:.3f} | {op} {goal:g} | {'yes' if met else 'no'} |")
+    batches = [str(b) for b in s["batches"]]
+    lines += ["", "Median seconds per call:", "", "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---:|" * len(batches)]
+    for name, desc in res["configs"].items():
+        lines.append(f"| {desc} | " + " | ".join(_fmt(res['seconds_median'][name][b]) for b in batches) + " |")
+    lines += ["", "Peak memory (fresh process per configuration):", "",
+              "| configuration | " + " | ".join(f"batch {b} (GiB)" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+    for name, per in res["memory"].items():
+        lines.append(f"| {res['configs'][name]} | " + " | ".join(f"{per[b]['peak_bytes'] / 2**30:.2f}" for b in batches) + " |")
+    lines += [""] + [f"- {note}" for note in res["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the mini SD's widths (smoke run), same code path")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 3, quick 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes (default 1 2)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="frozen weights' dtype; half precision runs under autocast with float32 adapters")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="memory-measuring processes run at once besides the timing one (default 1, quick 4)")
+    ap.add_argument("--out-dir", type=Path, default=HERE, help="where results.json and results.md go")
+    ap.add_argument("--child", choices=["timing", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    if args.jobs is None:
+        args.jobs = 4 if args.quick else 1
+    if args.jobs < 1:
+        ap.error(f"--jobs: expected an integer >= 1, got {args.jobs}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
+    if args.threads < 1:
+        ap.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if any(b < 1 for b in args.batches):
+        ap.error(f"--batches: expected integers >= 1, got {args.batches}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.device == "cpu" and args.dtype == "float16":
+        ap.error("--dtype float16: half precision on CPU is not supported here; use float32 or bfloat16")
+    if not args.child and not args.out_dir.is_dir():
+        ap.error(f"--out-dir {args.out_dir}: not a directory")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child == "timing":
+        print(json.dumps(timing_child(args)))
+        return 0
+    if args.child == "memory":
+        print(json.dumps(memory_child(args)))
+        return 0
+    try:
+        res = run(args)
+    except RuntimeError as err:
+        print(f"sd15 benchmark: {err}", file=sys.stderr)
+        return 1
+    _write_atomic(args.out_dir / "results.json", json.dumps(res, indent=1) + "\n")
+    _write_atomic(args.out_dir / "results.md", markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
