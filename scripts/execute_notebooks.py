@@ -3,7 +3,8 @@
     python scripts/execute_notebooks.py [book/NN-name.ipynb ...]   # default: every chapter
 
 Each notebook first gets the current setup cell (scripts/setup_cell.py), then runs top to bottom
-in its own folder with the offline profile (unless SELORA_PROFILE is set). Outputs are scrubbed of
+in its own folder with the offline profile and one torch thread (unless SELORA_PROFILE /
+SELORA_THREADS are set). Outputs are scrubbed of
 machine paths; an execution error leaves the file untouched and exits non-zero.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ def execute(path: Path, timeout: int = 900) -> float:
     sync(path)
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("SELORA_PROFILE", "offline")
+    os.environ.setdefault("SELORA_THREADS", "1")  # as `make test` runs them (see Makefile)
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()

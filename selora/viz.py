@@ -1,13 +1,19 @@
 """Plotting helpers and the book-wide colours (one colour per method, everywhere in the book)."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
-__all__ = ["METHOD_COLORS", "method_color", "offline_label", "step_plot", "rank_trajectories"]
+__all__ = ["METHOD_COLORS", "method_color", "offline_label", "step_plot", "rank_trajectories", "rank_heatmap",
+           "image_rows"]
 
 #: One colour per method (colour-blind-friendly Okabe–Ito palette); used by every figure.
 METHOD_COLORS: dict[str, str] = {
@@ -66,3 +72,56 @@ def rank_trajectories(ax: Axes, steps: Sequence[int], ranks: Mapping[str, Sequen
     ax.set_ylabel("adapter rank")
     ax.legend(frameon=False, fontsize="small")
     return ax
+
+
+def rank_heatmap(ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: np.ndarray,
+                 cmap: str = "viridis") -> AxesImage:
+    """Rank of every layer (rows) over training (columns) as a heatmap; returns the image (for a colorbar).
+
+    steps: the S steps at which ranks were recorded; names: the L row labels; matrix: ranks (L, S).
+    Column j spans from steps[j] to steps[j + 1] (the rank holds until the next test). With more than
+    ~120 layers only every k-th row is labelled.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.shape != (len(names), len(steps)):
+        raise ValueError(f"matrix: expected shape ({len(names)}, {len(steps)}) = (layers, steps), got {matrix.shape}")
+    edges = np.append(np.asarray(steps, dtype=float), steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
+    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), matrix, cmap=cmap, shading="flat",
+                         vmin=1, vmax=max(1, int(matrix.max())))
+    ax.set_ylim(len(names), 0)  # first layer on top
+    every = max(1, len(names) // 120)  # at most ~120 labels; SD v1.5 has several hundred adapted layers
+    rows = np.arange(0, len(names), every)
+    ax.set_yticks(rows + 0.5, labels=[names[i] for i in rows], fontsize=5 if len(names) > 40 else 7)
+    ax.set_xlabel("step")
+    return mesh
+
+
+def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, H, W) in [-1, 1] (channels averaged) -> (H, W) in [0, 1]."""
+    arr = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
+    if arr.ndim != 3:
+        raise ValueError(f"image: expected (C, H, W) in [-1, 1], got shape {arr.shape}")
+    return np.clip((arr.mean(0) + 1) / 2, 0, 1)
+
+
+def image_rows(rows: Mapping[str, Sequence], captions: Sequence[str], title: str, width: int = 26) -> Figure:
+    """A grid of grayscale images: one labelled row per entry of ``rows`` (label -> images
+    ``(C, H, W)`` in [-1, 1]), one column per caption (wrapped underneath the last row), no axes."""
+    ncols = len(captions)
+    for label, images in rows.items():
+        if len(images) != ncols:
+            raise ValueError(f"rows[{label!r}] has {len(images)} images, expected {ncols} (one per caption)")
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.9 * ncols + 0.6, 1.9 * len(rows) + 0.9), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == len(rows) - 1:
+                ax.set_xlabel("\n".join(textwrap.wrap(captions[c], width)[:4]), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

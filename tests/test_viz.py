@@ -44,3 +44,45 @@ def test_rank_trajectories_marks_planted_ranks_and_checks_lengths():
     with pytest.raises(ValueError, match=r"ranks\['a'\] has 2 values, expected 3"):
         viz.rank_trajectories(ax, [0, 40, 80], {"a": [1, 2]})
     plt.close(fig)
+
+
+def test_rank_heatmap_rows_are_layers_and_columns_span_steps():
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    matrix = np.array([[1, 2, 3], [1, 1, 2]])
+    mesh = viz.rank_heatmap(ax, [0, 10, 20], ["a", "b"], matrix)
+    assert mesh.get_array().reshape(2, 3).tolist() == matrix.tolist()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    assert ax.get_xlim() == (0.0, 30.0)  # the last column holds for one more interval
+    assert mesh.norm.vmin == 1 and mesh.norm.vmax == 3
+    with pytest.raises(ValueError, match=r"expected shape \(2, 2\)"):
+        viz.rank_heatmap(ax, [0, 10], ["a", "b"], matrix)
+    plt.close(fig)
+
+
+def test_image_rows_labels_rows_and_captions_columns():
+    import torch
+
+    img = torch.linspace(-1, 1, 16).reshape(1, 4, 4)
+    fig = viz.image_rows({"real": [img, -img], "model": [img.expand(3, 4, 4), img]}, ["p one", "p two"], "title")
+    axes = fig.axes
+    assert len(axes) == 4
+    assert axes[0].get_ylabel() == "real" and axes[2].get_ylabel() == "model"
+    assert [axes[2].get_xlabel(), axes[3].get_xlabel()] == ["p one", "p two"]
+    shown = axes[1].get_images()[0].get_array()
+    assert abs(float(shown[0, 0]) - 1.0) < 1e-6 and abs(float(shown[-1, -1])) < 1e-6  # [-1, 1] -> [0, 1], negated
+    with pytest.raises(ValueError, match=r"rows\['real'\] has 1 images, expected 2"):
+        viz.image_rows({"real": [img]}, ["p one", "p two"], "title")
+    plt.close("all")
+
+
+def test_rank_heatmap_thins_labels_for_many_layers():
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    names = [f"layer{i}" for i in range(300)]
+    viz.rank_heatmap(ax, [0, 40], names, np.ones((300, 2), dtype=int))
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[:2] == ["layer0", "layer2"] and len(labels) == 150
+    plt.close(fig)

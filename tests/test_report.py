@@ -1,0 +1,165 @@
+"""selora.report: run records -> curves and rank matrices, layer names, parameter counts on the
+shipped mini SD with real adapters, and the paired-seed image differences."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from selora import report
+from selora.config import load_config
+from selora.inject import inject
+from selora.layers import lora_layers, num_trainable
+from selora.models import load_pipeline
+from selora.train import add_adapters
+
+
+def test_loss_curves_drop_skipped_steps_and_keep_eval():
+    records = {
+        "train": [{"step": 1, "loss": 1.0}, {"step": 1, "loss": None, "skipped": "non-finite loss"},
+                  {"step": 2, "loss": 0.5}],
+        "eval": [{"step": 2, "eval_loss": 0.7}],
+        "ranks": [],
+    }
+    curves = report.loss_curves(records)
+    assert curves["train"][0].tolist() == [1, 2] and curves["train"][1].tolist() == [1.0, 0.5]
+    assert curves["eval"][0].tolist() == [2] and curves["eval"][1].tolist() == [0.7]
+    no_eval = report.loss_curves({"train": records["train"], "eval": []})
+    assert len(no_eval["eval"][0]) == 0
+    with pytest.raises(ValueError, match="no finite training loss"):
+        report.loss_curves({"train": [records["train"][1]], "eval": []})
+
+
+def test_running_mean_matches_brute_force():
+    x = np.random.default_rng(0).normal(size=23)
+    for window in (1, 4, 50):
+        expected = [x[max(0, i + 1 - window) : i + 1].mean() for i in range(len(x))]
+        np.testing.assert_allclose(report.running_mean(x, window), expected)
+    with pytest.raises(ValueError, match="window=0"):
+        report.running_mean(x, 0)
+
+
+def test_rank_matrix_orders_layers_and_checks_them():
+    history = [{"step": 0, "ranks": {"b": 1, "a": 1}}, {"step": 10, "ranks": {"a": 2, "b": 1}, "expanded": ["a"]},
+               {"step": 20, "ranks": {"a": 3, "b": 2}}]
+    steps, names, matrix = report.rank_matrix(history)
+    assert steps.tolist() == [0, 10, 20] and names == ["b", "a"]
+    assert matrix.tolist() == [[1, 1, 2], [1, 2, 3]]
+    with pytest.raises(ValueError, match="step 10 lists different layers"):
+        report.rank_matrix([history[0], {"step": 10, "ranks": {"a": 2}}])
+    with pytest.raises(ValueError, match="empty"):
+        report.rank_matrix([])
+
+
+@pytest.fixture(scope="module")
+def mini_model():
+    """The shipped mini SD with the offline config's SeLoRA adapters (every linear layer of both models)."""
+    cfg = load_config("montgomery-offline")
+    pipe = load_pipeline("offline", device="cpu")
+    return add_adapters(pipe, cfg)
+
+
+def test_layer_names_and_kinds_cover_the_real_model(mini_model):
+    names = list(lora_layers(mini_model))
+    kinds = {n: report.module_kind(n) for n in names}
+    assert "other" not in kinds.values(), [n for n, k in kinds.items() if k == "other"]
+    expected = {"attn1 q", "attn1 k", "attn1 v", "attn1 out", "attn2 q", "attn2 k", "attn2 v", "attn2 out", "ff",
+                "proj in/out", "time", "text q", "text k", "text v", "text out", "text mlp"}
+    assert set(kinds.values()) == expected
+    shorts = [report.short_name(n) for n in names]
+    assert len(set(shorts)) == len(shorts), "short names must stay unique"
+    assert report.short_name("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == "U up1.0 attn2.to_k"
+    assert report.short_name("text_encoder.encoder.layers.2.self_attn.q_proj") == "T 2 q_proj"
+    assert report.short_name("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0") == "U mid.0 attn1.to_out"
+
+
+def test_rank_by_kind_means_and_sorts():
+    ranks = {"unet.a.attn2.to_k": 5, "unet.b.attn2.to_k": 3, "unet.a.ff.net.2": 1,
+             "text_encoder.encoder.layers.0.self_attn.q_proj": 4}
+    assert report.rank_by_kind(ranks) == {"attn2 k": 4.0, "text q": 4.0, "ff": 1.0}
+
+
+def test_trainable_counts_agree_with_the_models_parameters(mini_model):
+    counts = report.trainable_counts(mini_model, lora_rank=4)
+    assert counts["total"]["selora"] == num_trainable(mini_model)  # rank 1 everywhere at the start
+    assert counts["total"]["lora"] == 4 * counts["total"]["selora"]
+    for key in ("selora", "lora"):
+        assert counts["unet"][key] + counts["text_encoder"][key] == counts["total"][key]
+        assert counts["unet"][key] > 0 and counts["text_encoder"][key] > 0
+    # grow one layer by two ranks: SeLoRA's count follows, LoRA's does not move
+    name, layer = next(iter(lora_layers(mini_model).items()))
+    layer.expand(2, generator=torch.Generator().manual_seed(0))
+    grown = report.trainable_counts(mini_model, lora_rank=4)
+    assert grown["total"]["selora"] == num_trainable(mini_model)
+    assert grown["total"]["selora"] - counts["total"]["selora"] == 2 * (layer.in_features + layer.out_features)
+    assert grown["total"]["lora"] == counts["total"]["lora"]
+    # and LoRA's count is what a real rank-4 LoRA injection trains
+    pipe = load_pipeline("offline", device="cpu")
+    inject(pipe.unet, "paper-unet", kind="lora", rank=4)
+    assert num_trainable(pipe.unet) == counts["unet"]["lora"]
+    with pytest.raises(ValueError, match="no LoRA/SeLoRA layers"):
+        report.trainable_counts(torch.nn.Linear(2, 2))
+
+
+def test_rms_difference_and_side_fraction():
+    a = torch.zeros(2, 1, 4, 6)
+    b = a.clone()
+    b[0, :, :, 4:] = 1.0  # image right (the patient's left) of the first pair
+    b[1, :, :, :] = 0.5
+    rms = report.rms_difference(a, b)
+    assert rms.tolist() == pytest.approx([(8 / 24) ** 0.5, 0.5])
+    energy_right = 8 * 1.0 + 12 * 0.25  # squared differences on the image's right half (columns 3-5)
+    assert report.side_fraction(a, b, "left") == pytest.approx(energy_right / (8 + 24 * 0.25))
+    assert report.side_fraction(a, b, "left") + report.side_fraction(a, b, "right") == pytest.approx(1.0)
+    assert report.side_fraction(a[1:], b[1:], "right") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="side='middle'"):
+        report.side_fraction(a, b, "middle")
+    with pytest.raises(ValueError, match="identical"):
+        report.side_fraction(a, a, "left")
+    with pytest.raises(ValueError, match="one shape"):
+        report.rms_difference(a, b[:1])
+
+
+def test_prompt_effect_pairs_images_by_seed():
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(4, 1, 8, 8, generator=g)
+    finding = normal.clone()
+    finding[..., :2, 4:] += 1.0  # the same change for every seed
+    control = normal + 0.01
+    effect = report.prompt_effect(normal, finding, control)
+    assert effect.finding == pytest.approx((8 / 64) ** 0.5)
+    assert effect.control == pytest.approx(0.01)
+    assert effect.seed == pytest.approx(float(report.rms_difference(normal[1:], normal[:-1]).mean()))
+    assert effect.over_control == pytest.approx(effect.finding / 0.01)
+    assert effect.over_seed == pytest.approx(effect.finding / effect.seed)
+    # pairing matters: shuffling the seeds of the findings images makes the difference seed-sized
+    shuffled = report.prompt_effect(normal, finding[[1, 2, 3, 0]], control)
+    assert shuffled.finding > 3 * effect.finding
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        report.prompt_effect(normal[:1], finding[:1], control[:1])
+
+
+def test_paired_gap_mean_and_standard_error():
+    worse = torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 5.0]])
+    better = torch.zeros(3, 2)
+    mean, se = report.paired_gap(worse, better)  # per-image means 2, 2, 5
+    assert mean == pytest.approx(3.0)
+    assert se == pytest.approx(float(np.std([2, 2, 5], ddof=1) / np.sqrt(3)))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        report.paired_gap(worse[:1], better[:1])
+
+
+def test_noise_prediction_errors_are_paired_by_seed_and_read_the_prompt():
+    pipe = load_pipeline("offline", device="cpu")
+    images = torch.linspace(-1, 1, 3 * 64 * 64).reshape(3, 1, 64, 64)
+    prompts = ["male, 45 years: normal"] * 3
+    a = report.noise_prediction_errors(pipe, images, prompts, draws=2, seed=3)
+    assert a.shape == (3, 2) and torch.isfinite(a).all() and (a > 0).all()
+    assert torch.equal(a, report.noise_prediction_errors(pipe, images, prompts, draws=2, seed=3))
+    assert not torch.equal(a, report.noise_prediction_errors(pipe, images, prompts, draws=2, seed=4))
+    other = report.noise_prediction_errors(pipe, images, ["a red circle on the left"] * 3, draws=2, seed=3)
+    assert not torch.allclose(a, other), "the text conditioning must reach the noise prediction"
+    # a batch split does not change the numbers (each image keeps its own draws)
+    torch.testing.assert_close(a, report.noise_prediction_errors(pipe, images, prompts, draws=2, seed=3, batch=2))
+    with pytest.raises(ValueError, match="expected 3"):
+        report.noise_prediction_errors(pipe, images, prompts[:2])
