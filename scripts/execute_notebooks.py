@@ -58,6 +58,7 @@ def execute(path: Path, timeout: int = 900) -> float:
     fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
     os.close(fd)
     nbformat.write(nb, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
     return time.perf_counter() - start
 
