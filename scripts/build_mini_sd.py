@@ -12,8 +12,11 @@ They are pretrained on a general captioned synthetic set this script draws (shap
 sizes, stripes, nine positions on a dark background; NOT chest X-rays, so fine-tuning on
 radiographs is a domain shift, as SD -> CXR is). The VAE additionally sees generic images
 (soft ellipses, gradients, gratings, grey and colour) so it can encode other domains. The UNet
-is trained with 10 % empty prompts (classifier-free guidance) under a FROZEN, randomly initialised
-text encoder (see ``train_unet`` for why); fine-tuning adapters can still adapt the text encoder.
+is trained with 10 % empty prompts (classifier-free guidance) under a FROZEN text encoder that was
+pretrained first, on the captions alone, to name every attribute its caption states (see
+``train_text_encoder``: a random encoder maps "on the left" and "on the right" to hidden states
+with cosine 0.996, and a UNet trained under it ignored its prompts); fine-tuning adapters can still
+adapt the text encoder, as SD v1.5 kept its pretrained CLIP frozen.
 ``--vae-from FOLDER`` reuses the VAE of an earlier run's folder (its stage 1a) instead of training one.
 
 The UNet phase uses a constant learning rate after warm-up and ships an EMA of the weights, so
@@ -40,9 +43,7 @@ import copy
 import io
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from selora.io import atomic_dir, atomic_write_bytes, atomic_write_text
 from selora.models import MINI_SD_DIR, sd15_scheduler_config
 from selora.paths import cache_dir
 from selora.profile import seed_everything, set_threads
@@ -255,6 +257,95 @@ def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
 
 
 # ----------------------------------------------------------------------------- training
+# What a caption can state, one classification head each; the last class of every head is "not said".
+ATTRIBUTE_CLASSES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": tuple(SIZES),
+    "row": tuple(ROWS),
+    "col": tuple(COLS),
+    "striped": ("striped",),
+}
+_PHRASE_CELL = {phrase: cell for cell, phrases in POSITION_PHRASES.items() for phrase in phrases}
+
+
+def caption_labels(text: str) -> dict[str, int]:
+    """Class index per attribute head for what ``text`` states (``len(classes)`` = not stated)."""
+    words = text.split()
+    labels = {k: len(v) for k, v in ATTRIBUTE_CLASSES.items()}
+    for head in ("shape", "colour", "size", "striped"):
+        for i, word in enumerate(ATTRIBUTE_CLASSES[head]):
+            if word in words:
+                labels[head] = i
+    for phrase, (row, col) in _PHRASE_CELL.items():
+        if text.endswith(" " + phrase):
+            labels["row"], labels["col"] = list(ROWS).index(row), list(COLS).index(col)
+    return labels
+
+
+def random_captions(n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` captions of random objects, 10 % of them empty (the unconditional prompt)."""
+    return ["" if rng.random() < 0.1 else caption(draw_attributes(rng), rng) for _ in range(n)]
+
+
+def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch: int, rng: np.random.Generator,
+                       log: list) -> dict:
+    """Stage 0: teach the text encoder, on captions alone, to say what each caption states.
+
+    Linear heads read the mean of ``last_hidden_state`` over all 77 positions (the padding
+    positions see the whole caption through the causal mask, and the UNet attends to all of them)
+    and classify shape, colour, size, row, column and stripes, each with a "not stated" class;
+    cross-entropy summed over heads. The heads are thrown away; the encoder is then frozen for the
+    UNet, as SD v1.5 froze its pretrained CLIP text encoder. Returns held-out accuracy per head and
+    the cosine of the hidden states of "... on the left" vs "... on the right" before and after.
+    """
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(text_encoder.config.hidden_size, len(v) + 1)
+                                 for k, v in ATTRIBUTE_CLASSES.items()})
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+    def tokens(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+    def left_right_cosine() -> float:
+        with torch.no_grad():
+            h = text_encoder(tokens(["a large white circle on the left", "a large white circle on the right"]))[0].flatten(1)
+        return float(F.cosine_similarity(h[:1], h[1:]).item())
+
+    def loss_and_hits(texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        pooled = text_encoder(tokens(texts))[0].mean(dim=1)
+        labels = [caption_labels(t) for t in texts]
+        loss, hits = torch.zeros(()), {}
+        for k, head in heads.items():
+            y = torch.tensor([lab[k] for lab in labels])
+            logits = head(pooled)
+            loss = loss + F.cross_entropy(logits, y)
+            hits[k] = float((logits.argmax(1) == y).float().mean())
+        return loss, hits
+
+    cos_before = left_right_cosine()
+    text_encoder.train()
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3)
+        loss, _ = loss_and_hits(random_captions(batch, rng))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            print(f"text step {step + 1}/{steps}  cross-entropy {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
+    text_encoder.eval()
+    with torch.no_grad():
+        _, accuracy = loss_and_hits(random_captions(512, rng))
+    result = {"steps": steps, "batch": batch, "runtime_seconds": round(time.time() - t0), "held_out_accuracy": accuracy,
+              "left_right_cosine": {"before": cos_before, "after": left_right_cosine()}}
+    print(f"text encoder: {json.dumps(result)}", flush=True)
+    return result
+
+
 def lr_at(step: int, total: int | None, peak: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to 1 % of ``peak`` over ``total`` steps (constant if None)."""
     if step < warmup:
@@ -374,18 +465,13 @@ def refine_decoder(folder: Path, steps: int, batch: int, seed: int) -> dict:
         "psnr_db_after": held_out_psnr(vae, np.random.default_rng([seed, 3])),
         "l1_every_25_steps": thin(log),
     }
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".vae.tmp"))
-    vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    old = folder / ".vae.old"
-    shutil.rmtree(old, ignore_errors=True)
-    (folder / "vae").rename(old)
-    tmp.chmod(0o755)
-    tmp.rename(folder / "vae")
-    shutil.rmtree(old)
+    with atomic_dir(folder / "vae") as tmp:
+        vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        drop_loaded_from(tmp / "config.json")
     log_file = folder / "training_log.json"
     full = json.loads(log_file.read_text()) if log_file.is_file() else {}
     full["decoder_refine"] = result
-    _write_atomic(log_file, json.dumps(full, indent=1).encode())
+    atomic_write_text(log_file, json.dumps(full, indent=1))
     print(f"decoder refined: PSNR {before} -> {result['psnr_db_after']}", flush=True)
     return result
 
@@ -417,9 +503,9 @@ def train_unet(
 ) -> None:
     """Latent-diffusion training (eps-prediction MSE) of the UNet, 10 % empty prompts.
 
-    The text encoder stays frozen at its random init, as SD v1.5 kept CLIP frozen. Trained jointly
-    it collapsed: after a few hundred steps its outputs for different prompts differed by ~5 % and
-    the UNet ignored the prompt; a frozen random transformer keeps the tokens apart.
+    The text encoder stays frozen (pretrained by ``train_text_encoder``), as SD v1.5 kept CLIP
+    frozen. Trained jointly with the UNet it collapsed: after a few hundred steps its outputs for
+    different prompts differed by ~5 % and the UNet ignored the prompt.
 
     Constant learning rate after warm-up plus an EMA of the weights: nothing depends on ``steps``,
     so the snapshot at step K is exactly what a run with ``--unet-steps K`` ships.
@@ -471,6 +557,13 @@ def assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
     )
 
 
+def drop_loaded_from(config_file: Path) -> None:
+    """Remove ``_name_or_path`` (the folder a model was loaded from: a machine path) from a saved config."""
+    config = json.loads(config_file.read_text())
+    config.pop("_name_or_path", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def compute_in_float32(config_file: Path) -> None:
     """Mark a transformers config as float32 so a default ``from_pretrained`` upcasts the fp16 weights.
 
@@ -490,22 +583,15 @@ def save_folder(parts: tuple, out: Path, extras: dict[str, bytes]) -> None:
     vae, text_encoder, tokenizer, unet = parts
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     halves = [copy.deepcopy(m).to(torch.float16) for m in (vae, text_encoder, unet)]
-    assemble(halves[0], halves[1], tokenizer, halves[2]).save_pretrained(tmp, safe_serialization=True)
-    # SD v1.5's tokenizer folder layout (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.5 MB)
-    (tmp / "tokenizer" / "tokenizer.json").unlink()
-    write_clip_tokenizer_files(tmp / "tokenizer")
-    compute_in_float32(tmp / "text_encoder" / "config.json")
-    for name, data in extras.items():
-        (tmp / name).write_bytes(data)
-    tmp.chmod(0o755)
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        assemble(halves[0], halves[1], tokenizer, halves[2]).save_pretrained(tmp, safe_serialization=True)
+        # SD v1.5's tokenizer folder layout (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.5 MB)
+        (tmp / "tokenizer" / "tokenizer.json").unlink()
+        write_clip_tokenizer_files(tmp / "tokenizer")
+        compute_in_float32(tmp / "text_encoder" / "config.json")
+        for name, data in extras.items():
+            (tmp / name).write_bytes(data)
 
 
 def foreground_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -594,8 +680,10 @@ def thin(log: list[float], every: int = 25) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- main
-FULL = {"vae_steps": 500, "unet_steps": 1500, "decoder_steps": 1500, "images": 6000, "snapshot_every": 250, "probe_seeds": 4}
-QUICK = {"vae_steps": 10, "unet_steps": 20, "decoder_steps": 10, "images": 256, "snapshot_every": 10, "probe_seeds": 2}
+FULL = {"text_steps": 600, "vae_steps": 1500, "unet_steps": 3000, "decoder_steps": 1000, "images": 6000,
+        "snapshot_every": 250, "probe_seeds": 4}
+QUICK = {"text_steps": 10, "vae_steps": 10, "unet_steps": 20, "decoder_steps": 10, "images": 256, "snapshot_every": 10,
+         "probe_seeds": 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -603,8 +691,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help=f"pipeline folder (default {MINI_SD_DIR.name}/ in the package assets)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=16, help="UNet batch size")
-    ap.add_argument("--vae-batch", type=int, default=8, help="VAE batch size")
+    ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
+    ap.add_argument("--vae-batch", type=int, default=16, help="VAE batch size")
+    ap.add_argument("--text-batch", type=int, default=64, help="text-encoder batch size (captions)")
+    ap.add_argument("--text-steps", type=int, help=f"stage 0, text-encoder steps (default {FULL['text_steps']})")
     ap.add_argument("--vae-steps", type=int, help=f"VAE training steps (default {FULL['vae_steps']})")
     ap.add_argument("--unet-steps", type=int, help=f"UNet steps (default {FULL['unet_steps']})")
     ap.add_argument("--images", type=int, help=f"size of the captioned set (default {FULL['images']})")
@@ -621,7 +711,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = cache_dir("mini-sd-quick") / "mini-sd" if args.quick else MINI_SD_DIR
-    for name in ("vae_steps", "unet_steps", "decoder_steps", "batch", "vae_batch", "images", "probe_seeds"):
+    for name in ("text_steps", "vae_steps", "unet_steps", "decoder_steps", "batch", "vae_batch", "text_batch", "images",
+                 "probe_seeds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.snapshot_every < 0:
@@ -639,16 +730,10 @@ def probe_folder(folder: Path, seeds: list[int]) -> dict:
     log_file = Path(folder) / "training_log.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     log.update(probe=result, probe_prompts=prompts)
-    _write_atomic(Path(folder) / "samples.png", grid_png(images, len(prompts)))
-    _write_atomic(log_file, json.dumps(log, indent=1).encode())
+    atomic_write_bytes(Path(folder) / "samples.png", grid_png(images, len(prompts)))
+    atomic_write_text(log_file, json.dumps(log, indent=1))
     print(f"probe of {folder}: {json.dumps(result)}", flush=True)
     return result
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,6 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     unet = make_unet(text_encoder.config.hidden_size)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     print("parameters:", n_params, flush=True)
+    text_log: list[float] = []
+    text_result = train_text_encoder(text_encoder, tokenizer, args.text_steps, args.text_batch,
+                                     np.random.default_rng([args.seed, 4]), text_log)
+    text_result["cross_entropy_every_25_steps"] = thin(text_log)
+    t_vae_start = time.time()
 
     if args.vae_from:  # stage 1a done before: its fp16 VAE as written, and its logged VAE curve
         vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).state_dict())
@@ -679,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_curve, vae_final = thin(vae_log), float(np.mean(vae_log[-100:]))
         vae.to(torch.float16).to(torch.float32)  # the VAE as shipped, so --vae-from gives the same latents
     vae.eval().requires_grad_(False)
-    t_vae = time.time() - t_start
+    t_vae = time.time() - t_vae_start
 
     rng = np.random.default_rng([args.seed, 1])  # data + UNet phase: independent of how stage 1a ran
     imgs, attrs = captioned_set(args.images, rng)
@@ -701,9 +791,10 @@ def main(argv: list[str] | None = None) -> int:
             "unet_steps_done": step,
             "vae_from_earlier_run": args.vae_from is not None,
             "parameters": n_params,
-            "runtime_seconds": {"vae": round(t_vae), "unet": round(time.time() - t0), "total": round(time.time() - t_start)},
+            "runtime_seconds": {"text_encoder": text_result["runtime_seconds"], "vae": round(t_vae), "unet": round(time.time() - t0), "total": round(time.time() - t_start)},
             "threads": torch.get_num_threads(),
             "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers")},
+            "text_encoder_pretraining": text_result,
             "vae_psnr_db": vae_psnr,
             "vae_scaling_factor": scaling,
             "loss_every_25_steps": {"vae_l1_kl": vae_curve, "unet_eps_mse": thin(unet_log)},

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import os
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +32,8 @@ from playwright.sync_api import Browser, Page
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
+
+from selora.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHROMIUM = "/usr/bin/chromium"  # Debian's `chromium` package; playwright cannot download here
@@ -291,7 +291,8 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
         for detail in broken_links:
             say("broken link", detail)
         result.screenshot = shots / f"{page.replace('/', '-')}.png"
-        write_atomic(result.screenshot, tab.screenshot(full_page=True))
+        shots.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(result.screenshot, tab.screenshot(full_page=True))  # 0644: for people to open
     except PlaywrightError as exc:  # a page that cannot be loaded or inspected is a problem too
         say("page failed to load", f"{exc.__class__.__name__}: {first_line(str(exc))}")
     finally:
@@ -315,20 +316,6 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
 def first_line(text: str) -> str:
     """The first line of ``text``, cut to 300 characters (problem lines stay one line)."""
     return text.strip().splitlines()[0][:300] if text.strip() else ""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; screenshots are for people to open
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def check_site(html_dir: Path, toc_file: Path, shots: Path,

@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from selora.io import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from setup_cell import ROOT, chapter_notebooks, sync  # noqa: E402
@@ -55,11 +56,8 @@ def execute(path: Path, timeout: int = 900) -> float:
     NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     scrub_outputs(nb)
-    fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=path.parent)
-    os.close(fd)
-    nbformat.write(nb, tmp)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nbformat.write(nb, tmp)
     return time.perf_counter() - start
 
 

@@ -12,10 +12,7 @@ temporary name and renamed into place, so a crash never leaves a half-written on
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from selora.io import atomic_dir, atomic_write_text
 from selora.layers import LoRALinear, SeLoRALinear, lora_layers
 
 ADAPTERS = "adapters.safetensors"
@@ -206,10 +204,7 @@ def set_rng_states(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
 # -- atomic folders -----------------------------------------------------------------------------
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def write_checkpoint(
@@ -221,30 +216,19 @@ def write_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically: fill a temp folder, then swap it in for ``target``.
 
-    The previous ``target`` (if any) is moved aside to ``<target>.old`` first and deleted last;
-    :func:`find_checkpoint` falls back to it if a crash hit between the two renames.
+    The previous ``target`` (if any) is moved aside to ``<target>.old`` first and deleted last
+    (:func:`selora.io.atomic_dir`); :func:`find_checkpoint` falls back to it if a crash hit
+    between the two renames.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with atomic_dir(target) as tmp:
         save_file(dict(adapters), str(tmp / ADAPTERS))
         (tmp / RANKS).write_text(json.dumps(dict(ranks), indent=1), encoding="utf-8")
         if tensors is not None:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         if state is not None:
             (tmp / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
-        old = target.with_name(target.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

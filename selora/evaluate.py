@@ -10,7 +10,7 @@ generated per test-split prompt (image i with the generator seed ``10^5 · seed 
 profile's two metrics are computed against the real test images (:func:`selora.metrics.evaluate`:
 FID / CLIP score in the paper profile, the validated proxies offline). Writes::
 
-    DIR/runs/<method>-seed<seed>/evaluation.json   that run's result (re-used on a re-run)
+    DIR/runs/<method>-seed<seed>/evaluation.json   that run's result, with its final rank per layer (re-used on a re-run)
     DIR/runs/<method>-seed<seed>/test-samples.png  the generated test images with their prompts
     DIR/runs/<method>-seed<seed>/test-samples.safetensors  {"images": uint8 (N, 1, R, R)} (prompts in evaluation.json)
     DIR/results.json   per run, mean ± std per method (sample std over seeds), provenance
@@ -27,19 +27,18 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from selora.config import ConfigError, TrainConfig, load_config
+from selora.io import atomic_save_safetensors, atomic_write_text
 
 RESULTS_JSON, RESULTS_MD, RUN_RESULT = "results.json", "results.md", "evaluation.json"
 SAMPLE_SEED_STRIDE = 100_000  # generator seed of test image i in a run of seed s: s * stride + i
@@ -61,13 +60,6 @@ def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list:
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"{what} {text}: expected a non-empty comma-separated list without repeats")
     return values
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def folder_sha256(folder: Path) -> str:
@@ -207,8 +199,7 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int 
     image_grid(images, prompts, cols=min(8, len(images))).save(run_dir / "test-samples.png")
     generated = images_from_pil(images)
     pixels = ((generated + 1) * 127.5).round().to(torch.uint8).contiguous()
-    save_file({"images": pixels}, str(run_dir / ".test-samples.tmp"))
-    os.replace(run_dir / ".test-samples.tmp", run_dir / "test-samples.safetensors")
+    atomic_save_safetensors({"images": pixels}, run_dir / "test-samples.safetensors")
     scores = metrics(generated, prompts, real)
     state = json.loads((run_dir / "best" / "state.json").read_text(encoding="utf-8"))
     ranks = json.loads((run_dir / "best" / "ranks.json").read_text(encoding="utf-8"))
@@ -217,11 +208,11 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int 
         "method": cfg.method, "seed": cfg.seed, "run_dir": f"runs/{run_dir.name}",
         "metrics": {k: float(v) for k, v in scores.items()},
         "trainable": counts["total"]["trainable"], "trainable_fraction": counts["total"]["fraction"],
-        "parameters": counts, "total_rank": sum(ranks.values()),
+        "parameters": counts, "total_rank": sum(ranks.values()), "ranks": ranks,
         "best": {"epoch": state["epoch"], "step": state["step"], "eval_loss": state["eval_loss"]},
         "num_test_images": len(prompts), "prompts": prompts, **timing, "sample_seconds": sample_seconds,
     }
-    _write_atomic(run_dir / RUN_RESULT, json.dumps(result, indent=1))
+    atomic_write_text(run_dir / RUN_RESULT, json.dumps(result, indent=1))
     return result
 
 
@@ -363,8 +354,8 @@ def run_experiment(methods: Sequence[str], seeds: Sequence[int], out: Path | str
     first = next(iter(configs.values()))
     results = {"provenance": provenance(first, methods, seeds, config, overrides, limit),
                "summary": summarise(runs, methods), "runs": runs}
-    _write_atomic(out / RESULTS_JSON, json.dumps(results, indent=1))
-    _write_atomic(out / RESULTS_MD, markdown(results))
+    atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=1))
+    atomic_write_text(out / RESULTS_MD, markdown(results))
     return results
 
 

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from selora.inject import KINDS
+from selora.io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from selora.layers import LoRALinear, lora_layers
 
 COMPONENTS = ("unet", "text_encoder")  # the pipeline parts SeLoRA adapts (never the VAE)
@@ -139,28 +136,6 @@ def _tensors(layers: Mapping[str, LoRALinear], prefix: str, dtype: torch.dtype |
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
 def save_diffusers_lora(pipe_or_models: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``.
 
@@ -179,7 +154,7 @@ def save_diffusers_lora(pipe_or_models: Any, out_dir: str | Path, dtype: torch.d
         tensors.update(_tensors(layers, comp + ".", dtype))
         config.update({f"{comp}.{k}": v for k, v in lora_config_kwargs(models[comp]).items()})
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-    return _atomic_save(tensors, out_dir / DIFFUSERS_WEIGHT_NAME, metadata)
+    return atomic_save_safetensors(tensors, out_dir / DIFFUSERS_WEIGHT_NAME, metadata)
 
 
 def save_peft_adapter(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -198,8 +173,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, dtype: torch.dtype 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(**lora_config_kwargs(model)).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    _atomic_save(_tensors(layers, PEFT_PREFIX, dtype), out_dir / PEFT_WEIGHT_NAME, {"format": "pt"})
-    _atomic_write_text(out_dir / PEFT_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+    atomic_save_safetensors(_tensors(layers, PEFT_PREFIX, dtype), out_dir / PEFT_WEIGHT_NAME, {"format": "pt"})
+    atomic_write_text(out_dir / PEFT_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     return out_dir
 
 
@@ -389,16 +364,8 @@ def save_merged(pipe_or_model: Any, out_dir: str | Path) -> Path:
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; choose a new --out")
     merge_into(pipe_or_model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         pipe_or_model.save_pretrained(tmp, safe_serialization=True)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from selora.io import atomic_save_safetensors
 from selora.paths import ASSETS_DIR
 from selora.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, load_clip_tokenizer
 
@@ -337,14 +335,9 @@ def save_proxy(model: nn.Module, path: Path, provenance: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "config": json.dumps(model.config), "provenance": json.dumps(provenance, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-    os.close(fd)
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_safetensors(state, path, meta)
 
 
 @lru_cache(maxsize=8)

@@ -131,6 +131,57 @@ def rank_by_kind(final_ranks: Mapping[str, int]) -> dict[str, float]:
     return dict(sorted(means.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+KIND_ORDER = ("text q", "text k", "text v", "text out", "text mlp", "attn1 q", "attn1 k", "attn1 v", "attn1 out",
+              "attn2 q", "attn2 k", "attn2 v", "attn2 out", "ff", "proj in/out", "time", "other")
+
+
+def rank_grid(final_ranks: Sequence[Mapping[str, int]]) -> tuple[list[str], list[str], np.ndarray]:
+    """The Fig. 3 layout: mean final rank per (location, kind of layer), averaged over runs.
+
+    ``final_ranks``: one ``{layer: rank}`` per run (e.g. per seed). Rows are locations in model order
+    (text-encoder layers, then UNet blocks as in :func:`short_name`), columns are :func:`module_kind`
+    in :data:`KIND_ORDER`; a cell is NaN where a location has no layer of that kind.
+    Returns ``(rows, cols, matrix (len(rows), len(cols)))``.
+    """
+    if not final_ranks:
+        raise ValueError("final_ranks: expected at least one run")
+    cells: dict[tuple[str, str], list[int]] = {}
+    rows: list[str] = []
+    for run in final_ranks:
+        for layer, r in run.items():
+            where = short_name(layer).rsplit(" ", 1)[0]
+            if where not in rows:
+                rows.append(where)
+            cells.setdefault((where, module_kind(layer)), []).append(r)
+    cols = [k for k in KIND_ORDER if any(kind == k for _, kind in cells)]
+    matrix = np.full((len(rows), len(cols)), np.nan)
+    for (where, kind), values in cells.items():
+        matrix[rows.index(where), cols.index(kind)] = float(np.mean(values))
+    return rows, cols, matrix
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length sequences (ties get their average rank)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"spearman: expected two 1-d sequences of equal length >= 2, got {a.shape} and {b.shape}")
+
+    def average_ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="mergesort")
+        sorted_v = v[order]
+        first = np.r_[True, sorted_v[1:] != sorted_v[:-1]]      # start of each run of equal values
+        group = np.cumsum(first) - 1
+        starts = np.r_[np.flatnonzero(first), len(v)]
+        ranks = np.empty(len(v))
+        ranks[order] = 0.5 * (starts[group] + starts[group + 1] - 1) + 1  # mean of the run's 1-based positions
+        return ranks
+
+    ra, rb = average_ranks(a), average_ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        raise ValueError("spearman: a sequence is constant, the correlation is undefined")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 # -- parameters -----------------------------------------------------------------------------------
 def trainable_counts(model: nn.Module, lora_rank: int = 4) -> dict[str, dict[str, int]]:
     """Adapter parameters per component for the model's current ranks and for LoRA at ``lora_rank``.

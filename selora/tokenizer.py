@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from selora.io import atomic_write_text
 from selora.paths import ASSETS_DIR, cache_dir
 from selora.profile import profile as active_profile
 
@@ -67,21 +66,13 @@ def clip_vocab_and_merges(bpe_file: Path = BPE_FILE) -> tuple[dict[str, int], li
     return vocab, merges
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def write_clip_tokenizer_files(out_dir: Path, bpe_file: Path = BPE_FILE) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` (the hub's file formats) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges(bpe_file)
-    _write_atomic(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    _write_atomic(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     return out_dir
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -62,6 +62,7 @@ from selora.checkpoint import (
 )
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.expansion import ExpansionController
+from selora.io import atomic_save_safetensors, atomic_write_text
 from selora.layers import ranks
 from selora.paths import cache_dir
 from selora.profile import seed_everything
@@ -294,9 +295,7 @@ def encode_split(ds, vae: nn.Module, tokenizer, num_workers: int = 0, tag: str =
             means.append(dist_.mean.float().cpu().contiguous())
             stds.append(dist_.std.float().cpu().contiguous())
         mean, std = torch.cat(means), torch.cat(stds)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_save_safetensors({"mean": mean.contiguous(), "std": std.contiguous()}, path)
     scale = float(vae.config.scaling_factor)
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -384,9 +383,7 @@ def _jsonl(path: Path, record: dict) -> None:
 def _truncate_lines(path: Path, n: int) -> None:
     """Keep the first ``n`` lines of ``path`` (records written after the checkpoint are dropped)."""
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines[:n]), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(lines[:n]))
 
 
 class Trainer:
@@ -711,8 +708,7 @@ class Trainer:
     def _finish(self) -> None:
         self.finished = True
         if self.d.main:
-            save_file(adapter_tensors(self.model), str(self.run_dir / ".adapters.tmp"))
-            os.replace(self.run_dir / ".adapters.tmp", self.run_dir / "adapters.safetensors")
+            atomic_save_safetensors(adapter_tensors(self.model), self.run_dir / "adapters.safetensors")
             write_json(self.run_dir / "ranks.json", adapter_ranks(self.model))
         self.save()
 

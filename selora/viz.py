@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 __all__ = ["METHOD_COLORS", "method_color", "offline_label", "step_plot", "rank_trajectories", "rank_heatmap",
-           "image_rows"]
+           "rank_map", "image_rows"]
 
 #: One colour per method (colour-blind-friendly Okabe–Ito palette); used by every figure.
 METHOD_COLORS: dict[str, str] = {
@@ -94,6 +94,26 @@ def rank_heatmap(ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: n
     ax.set_yticks(rows + 0.5, labels=[names[i] for i in rows], fontsize=5 if len(names) > 40 else 7)
     ax.set_xlabel("step")
     return mesh
+
+
+def rank_map(ax: Axes, rows: Sequence[str], cols: Sequence[str], matrix: np.ndarray, cmap: str = "viridis") -> AxesImage:
+    """Mean final rank per (location, kind of layer) as an annotated grid (the paper's Fig. 3 layout).
+
+    rows: R locations; cols: C kinds; matrix: (R, C), NaN where a location has no such layer (left blank).
+    Returns the image (for a colorbar).
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.shape != (len(rows), len(cols)):
+        raise ValueError(f"matrix: expected shape ({len(rows)}, {len(cols)}) = (locations, kinds), got {matrix.shape}")
+    top = max(1.0, float(np.nanmax(matrix)))
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=1, vmax=top, aspect="auto")
+    for (i, j), v in np.ndenumerate(matrix):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 1 + 0.6 * (top - 1) else "black")
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), labels=rows, fontsize=7)
+    return image
 
 
 def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -54,7 +54,8 @@ def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets
         adapters = load_file(str(run / "best" / "adapters.safetensors"))
         assert r["trainable"] == sum(t.numel() for t in adapters.values())
         assert r["trainable_fraction"] == r["trainable"] / r["parameters"]["total"]["base"]
-        assert r["total_rank"] == sum(json.loads((run / "best" / "ranks.json").read_text()).values())
+        assert r["ranks"] == json.loads((run / "best" / "ranks.json").read_text())
+        assert r["total_rank"] == sum(r["ranks"].values())
         assert r["train_seconds"] > 0 and r["sample_seconds"] > 0 and not r["resumed"]
     # the tiny model's frozen UNet + text encoder, counted independently
     from diffusers import UNet2DConditionModel

@@ -163,3 +163,36 @@ def test_noise_prediction_errors_are_paired_by_seed_and_read_the_prompt():
     torch.testing.assert_close(a, report.noise_prediction_errors(pipe, images, prompts, draws=2, seed=3, batch=2))
     with pytest.raises(ValueError, match="expected 3"):
         report.noise_prediction_errors(pipe, images, prompts[:2])
+
+
+def test_rank_grid_groups_by_location_and_kind_and_averages_runs():
+    a = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 3,
+         "text_encoder.text_model.encoder.layers.0.mlp.fc1": 1,
+         "text_encoder.text_model.encoder.layers.0.mlp.fc2": 2,
+         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": 5}
+    b = {**a, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 1}
+    rows, cols, grid = report.rank_grid([a, b])
+    assert rows == ["T 0", "U down0.0"]
+    assert cols == ["text q", "text mlp", "attn2 k"]          # KIND_ORDER, only kinds present
+    assert grid[0, 0] == 2.0                                   # (3 + 1) / 2 over runs
+    assert grid[0, 1] == 1.5                                   # fc1, fc2 averaged (both runs)
+    assert np.isnan(grid[1, 0]) and grid[1, 2] == 5.0
+    with pytest.raises(ValueError, match="at least one run"):
+        report.rank_grid([])
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 4, 12).astype(float)               # many ties
+        b = a + rng.normal(0, 1.5, 12)
+        if a.std() == 0:
+            continue
+        assert report.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="constant"):
+        report.spearman([1, 1, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="equal length"):
+        report.spearman([1, 2], [1, 2, 3])

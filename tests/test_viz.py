@@ -86,3 +86,18 @@ def test_rank_heatmap_thins_labels_for_many_layers():
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels[:2] == ["layer0", "layer2"] and len(labels) == 150
     plt.close(fig)
+
+
+def test_rank_map_annotates_cells_and_leaves_missing_blank():
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    grid = np.array([[1.0, np.nan], [2.5, 4.0]])
+    image = viz.rank_map(ax, ["T 0", "U mid"], ["text q", "attn2 k"], grid)
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["1.0", "2.5", "4.0"]                     # NaN cell not annotated
+    assert image.get_array().mask[0, 1] and not image.get_array().mask[1, 1]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["T 0", "U mid"]
+    with pytest.raises(ValueError, match="locations, kinds"):
+        viz.rank_map(ax, ["a"], ["b"], grid)
+    plt.close(fig)

@@ -5,12 +5,10 @@ tests can feed it a local zip and a fake URL opener through exactly the same pat
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
-import os
-import shutil
 import stat
-import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Sequence
@@ -19,6 +17,7 @@ from urllib.request import urlopen
 from tqdm.auto import tqdm
 
 from selora.data.errors import DataError
+from selora.io import atomic_dir, atomic_path
 
 Opener = Callable[[str], BinaryIO]
 CHUNK = 1 << 20
@@ -64,19 +63,15 @@ def download(urls: Sequence[str], dest: Path, opener: Opener = open_url) -> Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out, opener(url) as response:
+            with atomic_path(dest) as tmp, open(tmp, "wb") as out, opener(url) as response:
                 total = int(getattr(response, "headers", {}).get("Content-Length", 0) or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                     for block in iter(lambda: response.read(CHUNK), b""):
                         out.write(block)
                         bar.update(len(block))
-            os.replace(tmp, dest)
             return dest
         except (OSError, http.client.HTTPException) as err:  # URLError/HTTPError are OSErrors
-            tmp.unlink(missing_ok=True)
             errors.append(f"{url}: {err}")
     raise DataError(f"could not download {dest.name} from any source ({'; '.join(errors)})")
 
@@ -94,9 +89,10 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
 def safe_extract(archive: Path, dest: Path, top: str) -> Path:
     """Extract ``archive`` so that ``dest/top`` appears atomically; return ``dest/top``.
 
-    Every entry is checked before anything is written; extraction goes to a temporary folder
-    beside ``dest`` which is renamed into place, so an interrupted run leaves nothing half-made.
-    A second call when ``dest/top`` exists is a no-op.
+    Every entry is checked before anything is written; the entries under ``top/`` are extracted
+    into a temporary folder beside ``dest/top`` which is renamed into place
+    (:func:`selora.io.atomic_dir`), so an interrupted run leaves nothing half-made. Other
+    top-level entries are ignored. A second call when ``dest/top`` exists is a no-op.
     """
     target = dest / top
     if target.is_dir():
@@ -112,10 +108,11 @@ def safe_extract(archive: Path, dest: Path, top: str) -> Path:
         if not any(PurePosixPath(i.filename).parts[:1] == (top,) for i in members):
             raise DataError(f"{archive.name}: no top-level folder {top!r} in the archive")
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", dir=dest))
-        try:
-            zf.extractall(tmp)
-            os.replace(tmp / top, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            for info in members:
+                parts = PurePosixPath(info.filename).parts
+                if parts[:1] == (top,) and len(parts) > 1:
+                    inner = copy.copy(info)  # the same entry, named relative to ``top``
+                    inner.filename = "/".join(parts[1:]) + ("/" if info.is_dir() else "")
+                    zf.extract(inner, tmp)
     return target

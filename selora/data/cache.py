@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from selora.data.archive import CHUNK
 from selora.data.images import load_image
+from selora.io import atomic_save_safetensors
 
 TRANSFORM_VERSION = 1  # bump when load_image's output changes, so old caches are not reused
 
@@ -54,11 +52,8 @@ def cached_stack(
             return fh.get_tensor("images"), path, True
     stack = torch.stack([load(f) for f in tqdm(files, desc=f"preprocessing {prefix}", unit="img")]).to(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-    os.close(fd)
     meta = {"files": json.dumps([f.name for f in files]), "transform": json.dumps(transform)}
-    save_file({"images": stack.contiguous()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    atomic_save_safetensors({"images": stack.contiguous()}, path, meta)
     return stack, path, False
 
 

@@ -14,10 +14,7 @@ convention: the patient's right is on the image's left. Everything follows from 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from selora.io import atomic_dir, atomic_path
 
 DEFAULT_SIZE = (256, 312)  # width, height (portrait, like 4020 x 4892)
 SIDES = ("right", "left")
@@ -249,9 +248,7 @@ def make_phantom_set(
     if top.exists():
         raise FileExistsError(f"{top} exists; choose an empty --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".phantom.", dir=out))
-    try:
-        stage = tmp / "MontgomerySet"
+    with atomic_dir(top) as stage:
         for sub in ("CXR_png", "ClinicalReadings", "ManualMask/leftMask", "ManualMask/rightMask"):
             (stage / sub).mkdir(parents=True)
         for name, patient, text in zip(names, patients, readings):
@@ -265,9 +262,6 @@ def make_phantom_set(
         (stage / "ManualMask" / ".DS_Store").write_bytes(b"\0" * 16)
         (stage / "README-PHANTOM.txt").write_text(
             f"Procedural phantom written by selora.data.phantom (seed={seed}); not patient data.\n", encoding="utf-8")
-        os.replace(stage, top)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if zip_archive:
         write_zip(top, out / "NLM-MontgomeryCXRSet.zip")
     return top
@@ -278,15 +272,12 @@ def write_zip(top: Path, archive: Path) -> Path:
 
     Entries carry a fixed timestamp, so the same folder always gives the same bytes.
     """
-    fd, tmp = tempfile.mkstemp(suffix=".zip", dir=archive.parent)
-    os.close(fd)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(top.rglob("*")):
             name = path.relative_to(top.parent).as_posix() + ("/" if path.is_dir() else "")
             info = zipfile.ZipInfo(name, date_time=(2014, 1, 1, 0, 0, 0))
             info.external_attr = (0o40755 if path.is_dir() else 0o100644) << 16
             zf.writestr(info, b"" if path.is_dir() else path.read_bytes(), zipfile.ZIP_DEFLATED)
-    os.replace(tmp, archive)
     return archive
 
 

@@ -1,0 +1,101 @@
+"""Atomic writes: a file or folder appears at its final path complete, or not at all.
+
+Everything is written to a hidden temporary sibling (``.name.XXXX.tmp``, same folder, so the same
+file system) and moved into place with ``os.replace``; an exception on the way deletes the
+temporary and leaves whatever was at the final path untouched. ``tempfile`` creates temporaries
+private (0600/0700); the final mode is set explicitly (0644 files, 0755 folders by default:
+outputs of this package are meant to be shared).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+def _temp_name(path: Path) -> dict[str, str]:
+    """``mkstemp``/``mkdtemp`` arguments for a hidden temporary beside ``path``."""
+    return {"dir": str(path.parent), "prefix": f".{path.name}.", "suffix": ".tmp"}
+
+
+@contextmanager
+def atomic_path(path: str | Path, mode: int = FILE_MODE) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on normal exit it becomes ``path``.
+
+    The caller writes the temporary by name (it exists, empty). On normal exit it gets ``mode``
+    and replaces ``path``; on an exception it is deleted and the exception re-raised, so ``path``
+    keeps its previous content. ``path``'s folder must exist.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(**_temp_name(path))
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str, mode: int = FILE_MODE) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return ``path``."""
+    with atomic_path(path, mode) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> Path:
+    """Write ``data`` to ``path`` atomically; return ``path``."""
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                            metadata: Mapping[str, str] | None = None, mode: int = FILE_MODE) -> Path:
+    """``safetensors.torch.save_file(tensors, path, metadata)`` atomically; return ``path``.
+
+    Tensors must be contiguous (safetensors' own rule); ``metadata`` values are strings.
+    """
+    with atomic_path(path, mode) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=None if metadata is None else dict(metadata))
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, mode: int = DIR_MODE) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on normal exit it becomes ``path``.
+
+    An existing ``path`` is first renamed to ``<path>.old`` and deleted after the new folder is
+    in place, so a crash between the two renames leaves a complete ``<path>.old`` to fall back to
+    (a stale ``<path>.old`` from such a crash is deleted first). On an exception the temporary
+    folder is deleted, ``path`` is untouched and the exception re-raised. ``path``'s folder
+    must exist.
+    """
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(**_temp_name(path)))
+    old = path.with_name(path.name + ".old")
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,124 @@
+"""Published experiment results: the light files of a ``python -m selora.evaluate`` folder, shipped in the package.
+
+An experiment folder holds trained runs (adapters, checkpoints: megabytes each). Chapters 7 and 8
+only need what the runs *produced*: ``results.json`` (provenance, per-run metrics, parameter
+counts, final ranks per layer), ``results.md`` and each run's generated test images. ``publish``
+copies exactly those into ``selora/assets/results/<name>/`` (so they also reach a Colab install
+without a checkout); ``load`` reads them back::
+
+    python -m selora.evaluate --methods selora,lora,adalora,dylora --seeds 0,1,2 --out EXP
+    python -m selora.results publish EXP table1          # -> selora/assets/results/table1/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from selora.io import atomic_dir
+from selora.paths import ASSETS_DIR
+
+RESULTS_DIR = ASSETS_DIR / "results"
+SAMPLES = "test-samples.safetensors"
+_COPIED = ("results.json", "results.md")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A published (or local) experiment folder: ``results`` is its ``results.json``."""
+
+    root: Path
+    results: dict[str, Any]
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.results["provenance"]
+
+    @property
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per method: mean ± std over seeds (see :func:`selora.evaluate.summarise`)."""
+        return self.results["summary"]
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.summary)
+
+    def run(self, method: str, seed: int) -> dict[str, Any]:
+        """The ``evaluation.json`` record of one (method, seed); KeyError naming what exists."""
+        for r in self.results["runs"]:
+            if r["method"] == method and r["seed"] == seed:
+                return r
+        have = sorted((r["method"], r["seed"]) for r in self.results["runs"])
+        raise KeyError(f"{self.root.name}: no run ({method!r}, {seed}); have {have}")
+
+    def samples(self, method: str, seed: int) -> torch.Tensor:
+        """The run's generated test images as float (N, 1, R, R) in [-1, 1], in prompt order."""
+        path = self.root / self.run(method, seed)["run_dir"] / SAMPLES
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (publish the experiment again)")
+        return load_file(str(path))["images"].float() / 127.5 - 1
+
+    def final_ranks(self, method: str = "selora") -> dict[int, dict[str, int]]:
+        """``{seed: {layer: rank}}`` of the evaluated (best) checkpoint of every run of ``method``."""
+        return {r["seed"]: r["ranks"] for r in self.results["runs"] if r["method"] == method}
+
+
+def load(name: str | Path) -> Experiment:
+    """A published experiment by name (``selora/assets/results/<name>``) or any experiment folder."""
+    root = Path(name) if Path(name).is_dir() else RESULTS_DIR / str(name)
+    path = root / "results.json"
+    if not path.is_file():
+        published = sorted(p.name for p in RESULTS_DIR.iterdir()) if RESULTS_DIR.is_dir() else []
+        raise FileNotFoundError(f"{path}: no results.json (published experiments: {published or 'none'})")
+    return Experiment(root, json.loads(path.read_text(encoding="utf-8")))
+
+
+def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_DIR) -> Path:
+    """Copy ``results.json``, ``results.md`` and every run's test images into ``dest_root/name``.
+
+    The destination is replaced as a whole (never half-written). Runs without ``ranks`` in their
+    record (an experiment made before ranks were recorded) are an error, since chapters need them.
+    """
+    src = load(experiment)
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name {name!r}: expected a plain folder name")
+    missing = [f"{r['method']}-seed{r['seed']}" for r in src.results["runs"] if "ranks" not in r]
+    if missing:
+        raise ValueError(f"{src.root}: runs {missing} have no per-layer ranks; re-evaluate them")
+    dest = Path(dest_root) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(dest) as tmp:
+        for file in _COPIED:
+            shutil.copy2(src.root / file, tmp / file)
+        for r in src.results["runs"]:
+            (tmp / r["run_dir"]).mkdir(parents=True)
+            shutil.copy2(src.root / r["run_dir"] / SAMPLES, tmp / r["run_dir"] / SAMPLES)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m selora.results", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("publish", help="copy an experiment's results into the package assets")
+    p.add_argument("experiment", type=Path, help="a python -m selora.evaluate --out folder")
+    p.add_argument("name", help="published name, e.g. table1")
+    p.add_argument("--dest", type=Path, default=RESULTS_DIR, help="folder of published experiments")
+    args = ap.parse_args(argv)
+    try:
+        dest = publish(args.experiment, args.name, args.dest)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"published {args.experiment} -> {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

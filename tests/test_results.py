@@ -1,0 +1,64 @@
+"""selora.results: publishing an experiment's light files and loading them back; the committed table reproduces."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from selora import results
+
+
+def _fake_experiment(root, with_ranks=True):
+    """An experiment folder shaped like python -m selora.evaluate's output (two runs, heavy files too)."""
+    runs = []
+    for method, seed in (("selora", 0), ("lora", 0)):
+        run_dir = root / "runs" / f"{method}-seed{seed}"
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "adapters.safetensors").write_bytes(b"heavy")          # must not be published
+        pixels = torch.full((3, 1, 4, 4), 10 * (seed + len(method)), dtype=torch.uint8)
+        save_file({"images": pixels}, str(run_dir / results.SAMPLES))
+        record = {"method": method, "seed": seed, "run_dir": f"runs/{run_dir.name}", "metrics": {"fid_proxy": 1.0}}
+        if with_ranks:
+            record["ranks"] = {"unet.a": 2 if method == "selora" else 4}
+        runs.append(record)
+    (root / "results.json").write_text(json.dumps({"provenance": {"profile": "offline"}, "summary": {}, "runs": runs}))
+    (root / "results.md").write_text("# table\n")
+    return root
+
+
+def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
+    src = _fake_experiment(tmp_path / "exp")
+    dest = results.publish(src, "demo", tmp_path / "published")
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert files == ["results.json", "results.md", "runs/lora-seed0/test-samples.safetensors",
+                     "runs/selora-seed0/test-samples.safetensors"]
+    exp = results.load(dest)
+    assert exp.run("lora", 0)["ranks"] == {"unet.a": 4}
+    assert exp.final_ranks("selora") == {0: {"unet.a": 2}}
+    images = exp.samples("selora", 0)
+    assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32
+    assert torch.allclose(images, torch.full_like(images, 60 / 127.5 - 1))
+    with pytest.raises(KeyError, match="no run \\('dylora', 0\\)"):
+        exp.run("dylora", 0)
+
+
+def test_publish_replaces_a_previous_version_whole(tmp_path):
+    src = _fake_experiment(tmp_path / "exp")
+    dest = results.publish(src, "demo", tmp_path / "published")
+    (dest / "stale.txt").write_text("old")
+    results.publish(src, "demo", tmp_path / "published")
+    assert not (dest / "stale.txt").exists()
+    assert not [p for p in (tmp_path / "published").iterdir() if p.name != "demo"], "no temporary folder left"
+
+
+def test_publish_and_load_reject_bad_input_clearly(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        results.load(tmp_path)
+    src = _fake_experiment(tmp_path / "exp", with_ranks=False)
+    with pytest.raises(ValueError, match="no per-layer ranks"):
+        results.publish(src, "demo", tmp_path / "published")
+    assert not (tmp_path / "published" / "demo").exists(), "nothing half-written"
+    assert results.main(["publish", str(tmp_path / "nowhere"), "x", "--dest", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
