@@ -241,11 +241,14 @@ def _pm(stat: dict[str, Any], digits: int) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """``results.md``: the per-method table (mean ± std over seeds) and the provenance."""
+def summary_table(summary: dict[str, dict[str, Any]], reference: dict[str, dict[str, float]] | None = None) -> str:
+    """The per-method markdown table (mean ± std over seeds) of :func:`summarise`'s ``summary``.
+
+    ``reference``: extra rows ``{label: {metric: value}}`` (e.g. the base model, real scans) shown
+    below the methods with their metrics only.
+    """
     from selora.metrics import LABELS
 
-    summary, prov = results["summary"], results["provenance"]
     keys = list(next(iter(summary.values()))["metrics"])
     head = ["method", "seeds", *(LABELS.get(k, k) for k in keys), "trainable params", "% of base",
             "total rank", "train time (s)"]
@@ -255,6 +258,18 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{row['trainable']['mean']:,.0f}", f"{100 * row['trainable_fraction']['mean']:.3f}",
                  f"{row['total_rank']['mean']:.0f}", f"{row['train_seconds']['mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    for label, values in (reference or {}).items():
+        missing = [k for k in keys if k not in values]
+        if missing:
+            raise KeyError(f"reference[{label!r}]: no value for {missing[0]!r}")
+        lines.append("| " + " | ".join([label, "", *(f"{values[k]:.2f}" for k in keys), "", "", "", ""]) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the per-method table (mean ± std over seeds) and the provenance."""
+    summary, prov = results["summary"], results["provenance"]
+    lines = [summary_table(summary)]
     note = ("Offline profile: proxy metrics, not comparable with the paper's FID / CLIP score."
             if prov["profile"] == "offline" else "Paper profile: FID and CLIP score.")
     git = prov["git"] or {}

@@ -18,7 +18,9 @@ from selora.layers import lora_layers
 
 __all__ = [
     "PromptEffect",
+    "laterality_index",
     "loss_curves",
+    "mean_and_se",
     "module_kind",
     "noise_prediction_errors",
     "paired_gap",
@@ -30,6 +32,7 @@ __all__ = [
     "short_name",
     "side_fraction",
     "trainable_counts",
+    "welch_t",
 ]
 
 COMPONENTS = ("unet", "text_encoder")  # name prefixes of the adapters in selora.train.DiffusionModel
@@ -234,6 +237,40 @@ def side_fraction(a: torch.Tensor, b: torch.Tensor, side: str) -> float:
     if total == 0:
         raise ValueError("images: identical, the difference has no energy to locate")
     return float(half.sum() / total)
+
+
+def laterality_index(left: torch.Tensor, right: torch.Tensor, normal: torch.Tensor) -> np.ndarray:
+    """Per paired seed: does the side word move a finding's change to that side?
+
+    ``left``, ``right``, ``normal``: ``(N, C, H, W)`` drawn with seed i at index i for the same finding
+    named on the patient's left, on the right, and for ``normal``. Returns ``(N,)``: the share of the
+    change ``left_i - normal_i`` on the patient's left (:func:`side_fraction`) minus the share of
+    ``right_i - normal_i`` there. 1: each change lands wholly on its named side; 0: the side word does
+    not move the change; -1: the sides are swapped.
+    """
+    _check_pair(left, normal)
+    _check_pair(right, normal)
+    return np.asarray([side_fraction(left[i:i + 1], normal[i:i + 1], "left")
+                       - side_fraction(right[i:i + 1], normal[i:i + 1], "left") for i in range(normal.shape[0])])
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n)); n >= 2."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size < 2:
+        raise ValueError(f"values: need at least 2, got {v.size}")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> float:
+    """Welch's t statistic of mean(a) - mean(b) for independent samples (each n >= 2, not both constant)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"welch_t: need at least 2 values per group, got {a.size} and {b.size}")
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    if se == 0:
+        raise ValueError("welch_t: both groups are constant, t is undefined")
+    return float((a.mean() - b.mean()) / se)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 An experiment folder holds trained runs (adapters, checkpoints: megabytes each). Chapters 7 and 8
 only need what the runs *produced*: ``results.json`` (provenance, per-run metrics, parameter
-counts, final ranks per layer), ``results.md`` and each run's generated test images. ``publish``
+counts, final ranks per layer), ``results.md``, each run's generated test images and its total
+rank over training. ``publish``
 copies exactly those into ``selora/assets/results/<name>/`` (so they also reach a Colab install
 without a checkout); ``load`` reads them back::
 
@@ -27,6 +28,7 @@ from selora.paths import ASSETS_DIR
 
 RESULTS_DIR = ASSETS_DIR / "results"
 SAMPLES = "test-samples.safetensors"
+RANK_TOTALS = "total-rank.json"  # published per run: [[step, total rank], ...] after every expansion test
 _COPIED = ("results.json", "results.md")
 
 
@@ -65,6 +67,14 @@ class Experiment:
             raise FileNotFoundError(f"{path}: missing (publish the experiment again)")
         return load_file(str(path))["images"].float() / 127.5 - 1
 
+    def total_rank_history(self, method: str, seed: int) -> tuple[list[int], list[int]]:
+        """``(steps, total rank)`` of one run after every expansion test (step 0 first)."""
+        path = self.root / self.run(method, seed)["run_dir"] / RANK_TOTALS
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (publish the experiment again)")
+        pairs = json.loads(path.read_text(encoding="utf-8"))
+        return [s for s, _ in pairs], [r for _, r in pairs]
+
     def final_ranks(self, method: str = "selora") -> dict[int, dict[str, int]]:
         """``{seed: {layer: rank}}`` of the evaluated (best) checkpoint of every run of ``method``."""
         return {r["seed"]: r["ranks"] for r in self.results["runs"] if r["method"] == method}
@@ -81,7 +91,8 @@ def load(name: str | Path) -> Experiment:
 
 
 def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_DIR) -> Path:
-    """Copy ``results.json``, ``results.md`` and every run's test images into ``dest_root/name``.
+    """Copy ``results.json``, ``results.md`` and every run's test images into ``dest_root/name``,
+    with each run's total rank after every expansion test (``total-rank.json``, from its rank history).
 
     The destination is replaced as a whole (never half-written). Runs without ``ranks`` in their
     record (an experiment made before ranks were recorded) are an error, since chapters need them.
@@ -100,6 +111,12 @@ def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_D
         for r in src.results["runs"]:
             (tmp / r["run_dir"]).mkdir(parents=True)
             shutil.copy2(src.root / r["run_dir"] / SAMPLES, tmp / r["run_dir"] / SAMPLES)
+            history = src.root / r["run_dir"] / "rank_history.jsonl"
+            if not history.is_file():
+                raise FileNotFoundError(f"{history}: missing (the run's rank history; publish needs the trained runs)")
+            records = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines()]
+            totals = [[rec["step"], sum(rec["ranks"].values())] for rec in records]
+            (tmp / r["run_dir"] / RANK_TOTALS).write_text(json.dumps(totals), encoding="utf-8")
     return dest
 
 
@@ -113,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         dest = publish(args.experiment, args.name, args.dest)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"published {args.experiment} -> {dest}")

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 __all__ = ["METHOD_COLORS", "method_color", "offline_label", "step_plot", "rank_trajectories", "rank_heatmap",
-           "rank_map", "image_rows"]
+           "rank_map", "image_rows", "method_bars"]
 
 #: One colour per method (colour-blind-friendly Okabe–Ito palette); used by every figure.
 METHOD_COLORS: dict[str, str] = {
@@ -145,3 +145,26 @@ def image_rows(rows: Mapping[str, Sequence], captions: Sequence[str], title: str
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+REFERENCE_STYLES = ("--", ":", "-.")  # line styles of reference values in :func:`method_bars`, in order
+
+
+def method_bars(ax: Axes, values: Mapping[str, tuple[float, float | None]],
+                reference: Mapping[str, float] | None = None) -> None:
+    """One bar per method (the book's colour) with a ±std error bar, references as grey lines.
+
+    values: ``{method: (mean, std or None)}`` in plotting order; reference: ``{label: value}`` drawn
+    as labelled horizontal lines (e.g. the base model, real scans), in :data:`REFERENCE_STYLES` order.
+    """
+    if not values:
+        raise ValueError("values: expected at least one method")
+    methods = list(values)
+    means = [values[m][0] for m in methods]
+    errs = [values[m][1] or 0.0 for m in methods]
+    ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=[method_color(m) for m in methods])
+    ax.set_xticks(range(len(methods)), labels=methods)
+    for (label, value), style in zip((reference or {}).items(), REFERENCE_STYLES):
+        ax.axhline(value, color="0.35", ls=style, lw=1, label=label)
+    if reference:
+        ax.legend(frameon=False, fontsize=8)

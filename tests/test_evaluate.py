@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from selora.config import load_config
-from selora.evaluate import held_out_split, main, mean_std
+from selora.evaluate import held_out_split, main, mean_std, summary_table
 from selora.metrics import evaluate
 from test_train import _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
@@ -91,6 +91,11 @@ def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets
     assert len(rows) == 2 and all(" ± " in ln for ln in rows)
     assert "Fréchet distance (offline proxy)" in table and "alignment score (offline proxy)" in table
     assert f"{results['summary']['lora']['metrics']['fid_proxy']['mean']:.2f}" in rows[0]
+    with_floor = summary_table(results["summary"], {"real scans": {"fid_proxy": 12.345, "alignment_proxy": 67.891}})
+    assert with_floor.splitlines()[:4] == table.split("\n\n")[1].splitlines()[:4], "methods first, unchanged"
+    assert with_floor.splitlines()[-1].startswith("| real scans |  | 12.35 | 67.89 |")
+    with pytest.raises(KeyError, match="reference\\['base'\\]: no value for 'alignment_proxy'"):
+        summary_table(results["summary"], {"base": {"fid_proxy": 1.0}})
 
     # a re-run re-uses the finished runs; a different config for the same folder is refused
     stamp = (out / "runs" / "lora-seed0" / "evaluation.json").stat().st_mtime_ns

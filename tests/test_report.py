@@ -120,6 +120,41 @@ def test_rms_difference_and_side_fraction():
         report.rms_difference(a, b[:1])
 
 
+def test_laterality_index_reads_where_each_side_word_puts_its_change():
+    g = torch.Generator().manual_seed(0)
+    normal = torch.rand(3, 1, 8, 8, generator=g)
+    on_image_right, on_image_left = normal.clone(), normal.clone()
+    on_image_right[..., 5:] += 1.0   # the patient's LEFT (radiological convention)
+    on_image_left[..., :3] += 1.0    # the patient's right
+    assert report.laterality_index(on_image_right, on_image_left, normal) == pytest.approx([1.0] * 3)
+    assert report.laterality_index(on_image_left, on_image_right, normal) == pytest.approx([-1.0] * 3)
+    assert report.laterality_index(on_image_right, on_image_right, normal) == pytest.approx([0.0] * 3)
+    mixed = on_image_right.clone()
+    mixed[1] = on_image_left[1]      # seed 1 puts the "left" finding on the wrong side
+    assert report.laterality_index(mixed, on_image_left, normal) == pytest.approx([1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="one shape"):
+        report.laterality_index(on_image_right[:2], on_image_left, normal)
+
+
+def test_welch_t_matches_its_formula_and_rejects_degenerate_input():
+    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0]
+    se = (np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 4) ** 0.5
+    assert report.welch_t(a, b) == pytest.approx((2.0 - 7.0) / se)
+    assert report.welch_t(b, a) == pytest.approx(-report.welch_t(a, b))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        report.welch_t([1.0], b)
+    with pytest.raises(ValueError, match="constant"):
+        report.welch_t([1.0, 1.0], [2.0, 2.0])
+
+
+def test_mean_and_se():
+    mean, se = report.mean_and_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert se == pytest.approx(float(np.std([1, 2, 3, 6], ddof=1)) / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        report.mean_and_se([1.0])
+
+
 def test_prompt_effect_pairs_images_by_seed():
     g = torch.Generator().manual_seed(0)
     normal = torch.randn(4, 1, 8, 8, generator=g)

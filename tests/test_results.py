@@ -17,6 +17,9 @@ def _fake_experiment(root, with_ranks=True):
         run_dir = root / "runs" / f"{method}-seed{seed}"
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "adapters.safetensors").write_bytes(b"heavy")          # must not be published
+        history = [{"step": 0, "ranks": {"unet.a": 1, "unet.b": 1}}, {"step": 10, "ranks": {"unet.a": 2, "unet.b": 1}},
+                   {"step": 20, "ranks": {"unet.a": 3, "unet.b": 2 + seed}}]
+        (run_dir / "rank_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         pixels = torch.full((3, 1, 4, 4), 10 * (seed + len(method)), dtype=torch.uint8)
         save_file({"images": pixels}, str(run_dir / results.SAMPLES))
         record = {"method": method, "seed": seed, "run_dir": f"runs/{run_dir.name}", "metrics": {"fid_proxy": 1.0}}
@@ -33,13 +36,15 @@ def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
     dest = results.publish(src, "demo", tmp_path / "published")
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert files == ["results.json", "results.md", "runs/lora-seed0/test-samples.safetensors",
-                     "runs/selora-seed0/test-samples.safetensors"]
+                     "runs/lora-seed0/total-rank.json", "runs/selora-seed0/test-samples.safetensors",
+                     "runs/selora-seed0/total-rank.json"]
     exp = results.load(dest)
     assert exp.run("lora", 0)["ranks"] == {"unet.a": 4}
     assert exp.final_ranks("selora") == {0: {"unet.a": 2}}
     images = exp.samples("selora", 0)
     assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32
     assert torch.allclose(images, torch.full_like(images, 60 / 127.5 - 1))
+    assert exp.total_rank_history("selora", 0) == ([0, 10, 20], [2, 3, 5])
     with pytest.raises(KeyError, match="no run \\('dylora', 0\\)"):
         exp.run("dylora", 0)
 
@@ -58,6 +63,11 @@ def test_publish_and_load_reject_bad_input_clearly(tmp_path, capsys):
         results.load(tmp_path)
     src = _fake_experiment(tmp_path / "exp", with_ranks=False)
     with pytest.raises(ValueError, match="no per-layer ranks"):
+        results.publish(src, "demo", tmp_path / "published")
+    assert not (tmp_path / "published" / "demo").exists(), "nothing half-written"
+    src = _fake_experiment(tmp_path / "exp2")
+    (src / "runs" / "lora-seed0" / "rank_history.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="rank_history.jsonl: missing"):
         results.publish(src, "demo", tmp_path / "published")
     assert not (tmp_path / "published" / "demo").exists(), "nothing half-written"
     assert results.main(["publish", str(tmp_path / "nowhere"), "x", "--dest", str(tmp_path)]) == 2

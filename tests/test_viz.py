@@ -101,3 +101,20 @@ def test_rank_map_annotates_cells_and_leaves_missing_blank():
     with pytest.raises(ValueError, match="locations, kinds"):
         viz.rank_map(ax, ["a"], ["b"], grid)
     plt.close(fig)
+
+
+def test_method_bars_one_coloured_bar_per_method_with_reference_lines():
+    fig, ax = plt.subplots()
+    viz.method_bars(ax, {"selora": (2.0, 0.5), "lora": (3.0, None)}, {"base model": 9.0, "real scans": 1.0})
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [2.0, 3.0]
+    assert [mcolors.to_hex(b.get_facecolor()) for b in bars] == [viz.METHOD_COLORS["selora"].lower(),
+                                                                 viz.METHOD_COLORS["lora"].lower()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["selora", "lora"]
+    refs = [l for l in ax.get_lines() if l.get_label() in ("base model", "real scans")]
+    assert sorted(l.get_ydata()[0] for l in refs) == [1.0, 9.0]
+    with pytest.raises(KeyError, match="'qlora'"):
+        viz.method_bars(ax, {"qlora": (1.0, 0.1)})
+    with pytest.raises(ValueError, match="at least one method"):
+        viz.method_bars(ax, {})
+    plt.close(fig)
