@@ -330,11 +330,7 @@ def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 1e-3)
         loss, _ = loss_and_hits(random_captions(batch, rng))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.append(loss.item())
+        optimizer_step(opt, loss, params, log)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"text step {step + 1}/{steps}  cross-entropy {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
     text_encoder.eval()
@@ -344,6 +340,15 @@ def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch
               "left_right_cosine": {"before": cos_before, "after": left_right_cosine()}}
     print(f"text encoder: {json.dumps(result)}", flush=True)
     return result
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, log: list) -> None:
+    """Backward, clip the gradient norm of ``params`` to 1, step, and log the loss (every stage does this)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    log.append(loss.item())
 
 
 def lr_at(step: int, total: int | None, peak: float, warmup: int = 100) -> float:
@@ -416,11 +421,7 @@ def train_vae(vae: AutoencoderKL, steps: int, batch: int, rng: np.random.Generat
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        log.append(loss.item())
+        optimizer_step(opt, loss, vae.parameters(), log)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"vae step {step + 1}/{steps}  l1+kl {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
 
@@ -450,11 +451,7 @@ def refine_decoder(folder: Path, steps: int, batch: int, seed: int) -> dict:
             dist = vae.encode(x).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
         loss = F.l1_loss(vae.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.append(loss.item())
+        optimizer_step(opt, loss, params, log)
         if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"decoder step {step + 1}/{steps}  l1 {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
     result = {
@@ -530,12 +527,8 @@ def train_unet(
             context = text_encoder(ids)[0]
         pred = unet(scheduler.add_noise(z, noise, t), t, context).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, log)
         ema.update()
-        log.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"unet step {step + 1}/{steps}  eps-mse {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
