@@ -45,7 +45,7 @@ check-book: book
 execute: $(STAMP)
 	$(PY) scripts/execute_notebooks.py
 
-## make bench: speed/memory ratios (core layers, then SD-1.5 shapes; ~25 CPU-min, ~16 GiB free RAM)
+## make bench: speed/memory ratios (core layers, then SD-1.5 shapes; ~45 min alone on the machine, ~16 GiB free RAM)
 bench: $(STAMP)
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/sd15.py

@@ -3,6 +3,8 @@
 Prints, measured interleaved in one run (fastest CPU time per step over rounds):
   test step / plain step            (goal <= 1.10; the authors' extra forward+backward costs ~2x)
   SeLoRA plain step / LoRA plain step at equal rank   (goal <= 1.02)
+  selora LoRA plain step / PEFT LoRA plain step       (goal <= 1.00; the layer-level view of
+                                                        sd15.py's ``lora_selora_vs_peft``)
 and, for reference, a plain step followed by an extra forward+backward (what the authors' code does).
 
 Usage: python benchmarks/core.py [--quick] [--rounds N] [--threads N]
@@ -46,10 +48,17 @@ class Stack(nn.Module):
 
 
 def make_step(kind: str, levels: tuple[tuple[int, int], ...], rank: int, batch: int, mode: str) -> Callable[[], None]:
-    """One training step of a fresh model: ``mode`` in plain | test | extra-pass."""
+    """One training step of a fresh model: ``kind`` lora | selora | peft, ``mode`` plain | test | extra-pass."""
     torch.manual_seed(0)
     model = Stack(levels)
-    selora.inject(model, "all-linear", kind=kind, rank=rank)
+    if kind == "peft":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        model.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names), model)
+    else:
+        selora.inject(model, "all-linear", kind=kind, rank=rank)
     with torch.no_grad():
         for p in selora.trainable_parameters(model):
             if p.dim() == 2 and torch.count_nonzero(p) == 0:
@@ -84,6 +93,7 @@ def run(levels: tuple[tuple[int, int], ...] = SD_LEVELS, rank: int = 4, batch: i
     variants = {
         "lora plain": make_step("lora", levels, rank, batch, "plain"),
         "lora plain (control)": make_step("lora", levels, rank, batch, "plain"),
+        "peft lora plain": make_step("peft", levels, rank, batch, "plain"),
         "selora plain": make_step("selora", levels, rank, batch, "plain"),
         "selora test step": make_step("selora", levels, rank, batch, "test"),
         "plain + extra fwd/bwd": make_step("lora", levels, rank, batch, "extra-pass"),
@@ -120,6 +130,7 @@ def main() -> None:
         print(f"  {name:<24s} {1000 * t:9.2f} ms/step (CPU)")
     print(f"test step / plain step (goal <= 1.10):        {med['selora test step'] / med['selora plain']:.3f}")
     print(f"SeLoRA plain / LoRA plain, rank {args.rank} (<= 1.02): {med['selora plain'] / med['lora plain']:.3f}")
+    print(f"selora LoRA / PEFT LoRA, rank {args.rank} (<= 1.00): {med['lora plain'] / med['peft lora plain']:.3f}")
     print(f"plain + extra fwd/bwd / plain (authors):      {med['plain + extra fwd/bwd'] / med['lora plain']:.3f}")
     print(f"noise floor, LoRA control / LoRA:             {med['lora plain (control)'] / med['lora plain']:.3f}")
 

@@ -354,4 +354,4 @@ def paired_gap(worse: torch.Tensor, better: torch.Tensor) -> tuple[float, float]
         raise ValueError(f"expected two tensors of one shape with >= 2 images, got {tuple(worse.shape)} "
                          f"and {tuple(better.shape)}")
     diff = (worse.double() - better.double()).reshape(worse.shape[0], -1).mean(1)
-    return float(diff.mean()), float(diff.std(unbiased=True) / diff.shape[0] ** 0.5)
+    return mean_and_se(diff.numpy())

@@ -75,6 +75,25 @@ class Experiment:
         pairs = json.loads(path.read_text(encoding="utf-8"))
         return [s for s, _ in pairs], [r for _, r in pairs]
 
+    def per_seed(self, method: str, key: str) -> dict[int, float]:
+        """``{seed: value}`` over the runs of ``method``: a metric (``r["metrics"][key]``) or a run
+        number such as ``total_rank``, ``trainable``, ``train_seconds``; KeyError naming what exists."""
+        runs = sorted((r for r in self.results["runs"] if r["method"] == method), key=lambda r: r["seed"])
+        if not runs:
+            have = sorted({r["method"] for r in self.results["runs"]})
+            raise KeyError(f"{self.root.name}: no runs of {method!r}; have {have}")
+        out = {}
+        for r in runs:
+            if key in r["metrics"]:
+                out[r["seed"]] = r["metrics"][key]
+            elif isinstance(r.get(key), (int, float)):
+                out[r["seed"]] = r[key]
+            else:
+                numbers = sorted(k for k, v in r.items() if isinstance(v, (int, float)))
+                raise KeyError(f"{self.root.name}: {key!r} is neither a metric {sorted(r['metrics'])} "
+                               f"nor a run number {numbers}")
+        return out
+
     def final_ranks(self, method: str = "selora") -> dict[int, dict[str, int]]:
         """``{seed: {layer: rank}}`` of the evaluated (best) checkpoint of every run of ``method``."""
         return {r["seed"]: r["ranks"] for r in self.results["runs"] if r["method"] == method}

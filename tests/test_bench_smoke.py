@@ -26,6 +26,11 @@ def check_schema(res: dict) -> None:
     for key, value in res["ratios"].items():
         _positive(value, f"ratios.{key}")
         _positive(res["goals"][key], f"goals.{key}")
+    for key, (lo, hi) in res["ratio_intervals"].items():
+        assert lo <= res["ratios"][key] <= hi, f"ratio_intervals.{key}: [{lo}, {hi}] misses {res['ratios'][key]}"
+    assert set(res["ratio_intervals"]) == RATIO_KEYS - {"peak_mem_vs_full_ft"}
+    assert set(res["verdicts"]) == RATIO_KEYS
+    assert all(v.split(" (")[0] in ("yes", "no") for v in res["verdicts"].values())
     batches = [str(b) for b in res["settings"]["batches"]]
     assert batches and set(res["ratios_by_batch"]) == set(batches)
     for b in batches:
@@ -61,6 +66,14 @@ def test_quick_run_writes_complete_results(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert all(f"`{key}`" in md for key in RATIO_KEYS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temp files left
+    # the analysis is a pure function of the stored raw samples: --reanalyse reproduces it exactly
+    again = tmp_path / "again"
+    again.mkdir()
+    out = subprocess.run([sys.executable, str(SCRIPT), "--reanalyse", str(tmp_path / "results.json"),
+                          "--out-dir", str(again)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res2 = json.loads((again / "results.json").read_text())
+    assert res2["ratios"] == res["ratios"] and res2["ratio_intervals"] == res["ratio_intervals"]
 
 
 def test_committed_results_have_the_schema() -> None:
@@ -69,9 +82,58 @@ def test_committed_results_have_the_schema() -> None:
     check_schema(res)
 
 
+def test_reanalyse_of_a_non_result_file_fails_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "results.json"
+    bad.write_text('{"settings": {}}')
+    out = subprocess.run([sys.executable, str(SCRIPT), "--reanalyse", str(bad), "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and str(bad) in out.stderr and "raw samples" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "nothing written"
+
+
 @pytest.mark.parametrize("bad", [["--rounds", "0"], ["--out-dir", "no/such/dir"]])
 def test_bad_arguments_exit_2(bad: list[str], tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(SCRIPT), "--quick", *bad], capture_output=True, text=True,
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 2
     assert bad[0] in out.stderr
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sd15_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_are_medians_of_same_round_pairs_not_ratios_of_medians():
+    sd15 = _load_script()
+    # per-round ratios 0.5, 2, 0.9 -> median 0.9; the ratio of the medians would be 4 / 2 = 2
+    assert sd15.paired_ratio([1.0, 4.0, 9.0], [2.0, 2.0, 10.0]) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        sd15.paired_ratio([1.0, 2.0], [1.0])
+    samples = {name: {"1": [1.0, 2.0, 3.0]} for name in sd15.TIMED}
+    samples["lora_selora"]["1"] = [1.1, 1.8, 3.3]          # per round: 1.1, 0.9, 1.1
+    memory = {name: {"1": {"peak_bytes": 2}} for name in sd15.MEMORY}
+    memory["full_ft"]["1"]["peak_bytes"] = 8
+    ratios, by_batch = sd15.compute_ratios(samples, memory, [1])
+    assert ratios["lora_selora_vs_peft"] == pytest.approx(1.1)
+    assert ratios["peak_mem_vs_full_ft"] == pytest.approx(0.25)
+    assert ratios["amortized_t40"] == pytest.approx(1.0) and by_batch["1"]["test_step_vs_plain"] == pytest.approx(1.0)
+
+
+def test_intervals_widen_with_noise_and_verdicts_say_when_a_run_settles_nothing():
+    sd15 = _load_script()
+    rng = __import__("numpy").random.default_rng(0)
+    quiet = {name: {"1": list(1 + 0.001 * rng.standard_normal(10))} for name in sd15.TIMED}
+    noisy = {name: {"1": list(1 + 0.2 * rng.standard_normal(10))} for name in sd15.TIMED}
+    lo_q, hi_q = sd15.ratio_intervals(quiet, [1])["merged_infer_vs_base"]
+    lo_n, hi_n = sd15.ratio_intervals(noisy, [1])["merged_infer_vs_base"]
+    assert hi_q - lo_q < 0.01 < hi_n - lo_n
+    assert sd15.goal_verdict("merged_infer_vs_base", 1.0, 1.01, [lo_q, hi_q]) == "yes"
+    assert sd15.goal_verdict("merged_infer_vs_base", 1.015, 1.01, [0.99, 1.07]) == "no (within noise)"
+    assert sd15.goal_verdict("lora_selora_vs_peft", 0.99, 1.0, [0.93, 1.02]) == "yes (within noise)"
+    assert sd15.goal_verdict("test_step_vs_plain", 1.2, 1.1, [1.15, 1.25]) == "no"
+    assert sd15.goal_verdict("authors_test_step_vs_plain", 1.9, 2.0, [1.0, 3.0]) == "yes"

@@ -52,6 +52,22 @@ def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
         exp.run("dylora", 0)
 
 
+def test_per_seed_reads_metrics_and_run_numbers_in_seed_order(tmp_path):
+    root = _fake_experiment(tmp_path / "exp")
+    data = json.loads((root / "results.json").read_text())
+    extra = dict(data["runs"][0], seed=2, metrics={"fid_proxy": 3.5}, total_rank=7)
+    data["runs"] = [extra] + [dict(r, total_rank=5) for r in data["runs"]]   # seed 2 listed first
+    (root / "results.json").write_text(json.dumps(data))
+    exp = results.load(root)
+    assert exp.per_seed("selora", "fid_proxy") == {0: 1.0, 2: 3.5}
+    assert list(exp.per_seed("selora", "total_rank").items()) == [(0, 5), (2, 7)]
+    assert exp.per_seed("lora", "fid_proxy") == {0: 1.0}
+    with pytest.raises(KeyError, match="no runs of 'dylora'; have \\['lora', 'selora'\\]"):
+        exp.per_seed("dylora", "fid_proxy")
+    with pytest.raises(KeyError, match="'clip' is neither a metric \\['fid_proxy'\\]"):
+        exp.per_seed("selora", "clip")
+
+
 def test_publish_replaces_a_previous_version_whole(tmp_path):
     src = _fake_experiment(tmp_path / "exp")
     dest = results.publish(src, "demo", tmp_path / "published")
