@@ -66,6 +66,12 @@ CELL_ERROR_JS = """() => {
 
 STDERR_JS = "() => document.querySelectorAll('.cell_output .output.stderr').length"
 
+# A markdown table that reached the page as text (e.g. a text/markdown output rendered as
+# CommonMark, which has no tables): a paragraph of a cell output holding a "|---|" delimiter row.
+RAW_TABLE_JS = """() => [...document.querySelectorAll('.cell_output p')]
+  .filter(p => /\\|\\s*:?-{3,}:?\\s*\\|/.test(p.textContent))
+  .map(p => p.textContent.replace(/\\s+/g, ' ').trim().slice(0, 80))"""
+
 # Force lazy images to load, then wait until each one decodes (or fails, or times out).
 IMAGES_JS = """async (timeoutMs) => {
   const imgs = [...document.images];
@@ -286,6 +292,8 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
                                 f"({failed.get(url, 'did not decode, naturalWidth 0')})")
         for line in tab.evaluate(CELL_ERROR_JS):
             say("cell error output", line[:300])
+        for text in tab.evaluate(RAW_TABLE_JS):
+            say("raw markdown table", f"a cell output shows a table as text: {text}")
         result.stderr_outputs = tab.evaluate(STDERR_JS)
         result.links, broken_links = link_problems(tab, same_site, html_dir, html_file)
         for detail in broken_links:

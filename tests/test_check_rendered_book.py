@@ -41,6 +41,8 @@ GOOD_BODY = """
 <a href="../_static/notes.txt">a static file</a> <a href="../book/">folder with index.html</a>
 <a href="https://example.invalid/">external</a> <a href="mailto:someone@example.invalid">mail</a>
 <div class="cell_output docutils container"><div class="output stderr"><pre>UserWarning: fine</pre></div></div>
+<div class="cell_output docutils container"><table><tr><th>a</th></tr><tr><td>1</td></tr></table>
+<p>a | b prose with a pipe is fine</p></div>
 <script src="../_static/ok.js"></script>
 <script src="https://cdn.example.invalid/lib.js"></script>
 <script>console.log("a log line is fine"); console.warn("so is a warning");
@@ -55,6 +57,7 @@ BAD_PAGES = {
     "console-error": '<script>console.error("boom from the page")</script>',
     "page-error": '<script>throw new Error("uncaught on purpose")</script>',
     "missing-resource": '<p>text</p><script src="../_static/missing.js"></script>',
+    "raw-table": '<div class="cell_output docutils container"><p>| a | b |\n|---|---:|\n| 1 | 2 |</p></div>',
 }
 EXPECTED_BAD = sorted([
     "PROBLEM book/error: cell error output: ZeroDivisionError: division by zero",
@@ -67,6 +70,7 @@ EXPECTED_BAD = sorted([
     "PROBLEM book/console-error: console error: boom from the page",
     "PROBLEM book/page-error: page error: Error: uncaught on purpose",
     "PROBLEM book/missing-resource: resource failed: /_static/missing.js (HTTP 404)",
+    "PROBLEM book/raw-table: raw markdown table: a cell output shows a table as text: | a | b | |---|---:| | 1 | 2 |",
     "PROBLEM book/missing: missing page: book/missing.html is not in the HTML folder "
     "(listed in the toc)",
 ])
@@ -121,7 +125,7 @@ def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
     assert problems == EXPECTED_BAD, proc.stdout
-    assert "FAILED: 9 problem(s) on 7 of 9 page(s)" in proc.stdout
+    assert "FAILED: 10 problem(s) on 8 of 10 page(s)" in proc.stdout
     table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
              if line.startswith("book/")}
     assert table["book/good"] == "ok" and table["book/other"] == "ok"
