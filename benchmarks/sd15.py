@@ -41,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import selora
-from selora.checkpoint import merge_adapters
+from selora.export import merge_into
 from selora.layers import SeLoRALinear, lora_layers
 from selora.paths import ASSETS_DIR
-from selora.train import DiffusionModel
+from selora.pipeline import DiffusionModel, cast_trainable
 
 HERE = Path(__file__).resolve().parent
 LATENT = 28  # 224 px / 8 (VAE factor)
@@ -132,13 +133,6 @@ def shared_copy(base: nn.Module) -> nn.Module:
     return copy.deepcopy(base, memo)
 
 
-def _fp32_adapters(model: nn.Module) -> None:
-    """Adapter (trainable) parameters in float32 when the frozen weights are half precision."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
 def add_selora(model: DiffusionModel, kind: str, rank: int, mixed: bool = False) -> None:
     """Adapters of ``kind`` on every linear layer of UNet and text encoder; ``mixed`` grows SeLoRA
     layers to the mixed-rank state (``MIXED_HIGH`` at rank 4, the others alternating 1 and 2)."""
@@ -150,7 +144,7 @@ def add_selora(model: DiffusionModel, kind: str, rank: int, mixed: bool = False)
             target = 4 if any(name.endswith(s) for s in MIXED_HIGH) else 1 + i % 2
             if target > layer.rank:
                 layer.expand(target - layer.rank, generator=gen)
-    _fp32_adapters(model)
+    cast_trainable(model)  # adapters in float32 when the frozen weights are half precision
 
 
 def add_peft(model: DiffusionModel, rank: int) -> None:
@@ -159,7 +153,7 @@ def add_peft(model: DiffusionModel, rank: int) -> None:
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names), model)
-    _fp32_adapters(model)
+    cast_trainable(model)  # adapters in float32 when the frozen weights are half precision
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -176,9 +170,8 @@ def make_step(name: str, base: DiffusionModel, autocast: torch.dtype | None) -> 
     ctl = None
     extra_pass = False
     if name == "full_ft":
-        for p in model.parameters():  # master weights in float32 (a no-op for float32 runs)
-            p.data = p.data.float()
         model.requires_grad_(True)
+        cast_trainable(model)  # master weights in float32 (a no-op for float32 runs)
     elif name == "frozen":
         embeddings = model.text_encoder.embeddings
         embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
@@ -188,7 +181,7 @@ def make_step(name: str, base: DiffusionModel, autocast: torch.dtype | None) -> 
         add_selora(model, "selora", 1, mixed=not name.endswith("r1"))
         extra_pass = name.startswith("authors")
         if name == "infer_merged":
-            merge_adapters(model)
+            merge_into(model)  # W0 + s B A into plain nn.Linear layers
     params = trainable(model)
     opt = None
     if params and not name.startswith("infer"):
@@ -304,7 +297,7 @@ TIMING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THR
 
 def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run a child with ``stdout=PIPE`` (``env`` added to this environment); its last stdout line is its JSON result."""
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | env if env else None)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | env if env else None, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({out.returncode}): {' '.join(map(str, cmd[2:]))}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -504,11 +497,11 @@ def markdown(res: dict[str, Any]) -> str:
     goals, m, s = res["goals"], res["machine"], res["settings"]
     approx = {"authors_test_step_vs_plain"}
     lines = ["# SeLoRA benchmark at Stable Diffusion v1.5 shapes" + (" (quick smoke run)" if res["quick"] else ""), "",
-             f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, "
-             f"{s['torch_threads']} torch thread(s), {s['device']} {s['dtype']}; load average "
-             f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end. "
-             f"Latent {s['latent'][0]}x{s['latent'][1]}, batches {s['batches']}, {s['rounds']} interleaved "
-             f"rounds ({s['clock']}); ratios: median of the rounds' paired ratios.", "",
+             (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, "
+              f"{s['torch_threads']} torch thread(s), {s['device']} {s['dtype']}; load average "
+              f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end. "
+              f"Latent {s['latent'][0]}x{s['latent'][1]}, batches {s['batches']}, {s['rounds']} interleaved "
+              f"rounds ({s['clock']}); ratios: median of the rounds' paired ratios."), "",
              "| ratio | value | 95 % interval | goal | met |", "|---|---:|---:|---:|:---:|"]
     for key, value in res["ratios"].items():
         goal, interval = goals[key], res["ratio_intervals"].get(key)

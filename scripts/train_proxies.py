@@ -1,8 +1,8 @@
 """Train the two offline metric proxies on the phantom TRAIN split and write them as safetensors.
 
-- ``frechet.safetensors``: :class:`selora.metrics.FrechetProxy`, a small CNN trained to predict sex,
+- ``frechet.safetensors``: :class:`selora.proxies.FrechetProxy`, a small CNN trained to predict sex,
   age and abnormality; its 64-d features feed the offline Fréchet distance.
-- ``alignment.safetensors``: :class:`selora.metrics.AlignmentProxy`, a tiny contrastive (InfoNCE)
+- ``alignment.safetensors``: :class:`selora.proxies.AlignmentProxy`, a tiny contrastive (InfoNCE)
   image–text model; its cosine similarity is the offline alignment score.
 
 Only the train split (80 %, grouped by patient) of the phantom Montgomery set at 64 px is read;
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from selora.data import montgomery_root
 from selora.data.errors import DataError
 from selora.data.montgomery import MontgomeryDataset
-from selora.metrics import PROXY_DIR, PROXY_SIZE, AlignmentProxy, FrechetProxy, save_proxy
 from selora.profile import seed_everything, set_threads
+from selora.proxies import PROXY_DIR, PROXY_SIZE, AlignmentProxy, FrechetProxy, save_proxy
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, shift: int = 3) -> torch.Tensor:

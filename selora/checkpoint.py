@@ -4,7 +4,7 @@ Tensors go to safetensors, everything else to JSON; a checkpoint folder is writt
 temporary name and renamed into place, so a crash never leaves a half-written one::
 
     <dir>/adapters.safetensors   {"<layer>.lora_A": (r, in), "<layer>.lora_B": (out, r)}
-                                 (+ "<layer>.lora_E": (r, 1) for PEFT AdaLoRA layers)
+                                 (+ a method's further factors, e.g. "<layer>.lora_E": (r, 1))
     <dir>/ranks.json             {"<layer>": r}
     <dir>/state.safetensors      optimizer moments, RNG states, controller K (flat keys)
     <dir>/state.json             step counters, optimizer param groups, LR scheduler, ...
@@ -22,62 +22,31 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selora.io import atomic_dir, atomic_write_text
-from selora.layers import LoRALinear, SeLoRALinear, lora_layers
+from selora.methods import Adapters
 
 ADAPTERS = "adapters.safetensors"
 RANKS = "ranks.json"
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
-#: PEFT AdaLoRA allocator statistics kept in a checkpoint (per adapter parameter).
-ADALORA_STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
 # -- adapters -----------------------------------------------------------------------------------
-def adalora_factors(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
-    """``{layer: {"lora_A": (r, in), "lora_B": (out, r), "lora_E": (r, 1)}}`` of every PEFT AdaLoRA layer.
-
-    PEFT keeps one entry per adapter name in ``ParameterDict``s; the package's AdaLoRA baseline
-    uses one adapter (:data:`selora.baselines.adalora.ADAPTER`). The whole allocated ``init_r``
-    tensors are kept (pruned triplets are zeros in E), so they load back into the same layers.
-    """
-    out = {}
-    for name, module in model.named_modules():
-        E = getattr(module, "lora_E", None)
-        if isinstance(E, nn.ParameterDict):
-            from selora.baselines.adalora import ADAPTER
-
-            out[name] = {"lora_A": module.lora_A[ADAPTER], "lora_B": module.lora_B[ADAPTER], "lora_E": E[ADAPTER]}
-    return out
-
-
-def adapter_factors(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
-    """``{layer: {factor name: parameter}}`` of every adapter: the package's LoRA/SeLoRA/DyLoRA
-    layers (``lora_A``, ``lora_B``) and PEFT AdaLoRA layers (also ``lora_E``), in model order."""
-    out = {name: {"lora_A": layer.lora_A, "lora_B": layer.lora_B} for name, layer in lora_layers(model).items()}
-    out.update(adalora_factors(model))
-    return out
-
-
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_tensors(adapters: Adapters) -> dict[str, torch.Tensor]:
     """``{"<layer>.lora_A": (r, in), "<layer>.lora_B": (out, r)[, "<layer>.lora_E": (r, 1)]}`` on the CPU."""
     return {f"{name}.{key}": p.detach().cpu().contiguous()
-            for name, factors in adapter_factors(model).items() for key, p in factors.items()}
+            for name, factors in adapters.factors().items() for key, p in factors.items()}
 
 
 @torch.no_grad()
-def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], where: str = "adapters") -> None:
-    """Copy saved adapters into ``model``'s adapter layers (same names), in place.
+def load_adapter_tensors(adapters: Adapters, tensors: Mapping[str, torch.Tensor], where: str = "adapters") -> None:
+    """Copy saved adapters into the layers of ``adapters`` (same names), in place.
 
-    A SeLoRA layer below the saved rank is first grown to it (zero rows; overwritten by the copy);
-    parameters keep their identity otherwise, so an optimizer holding them stays valid. Works for
-    every adapter :func:`adapter_factors` finds (AdaLoRA's ``lora_E`` included).
+    The method first makes its layers fit (SeLoRA: a layer below the saved rank is grown with zero
+    rows, overwritten by the copy); parameters keep their identity otherwise, so an optimizer
+    holding them stays valid. A ValueError names ``where`` when names or shapes differ.
     """
-    layers = lora_layers(model)
-    for name, layer in layers.items():
-        rank = tensors[f"{name}.lora_A"].shape[0] if f"{name}.lora_A" in tensors else 0
-        if isinstance(layer, SeLoRALinear) and rank > layer.rank:
-            layer.expand(rank - layer.rank, K=layer.lora_A.new_zeros(rank - layer.rank, layer.in_features))
-    expected = {f"{name}.{key}": p for name, factors in adapter_factors(model).items() for key, p in factors.items()}
+    adapters.prepare_load(tensors)
+    expected = {f"{name}.{key}": p for name, factors in adapters.factors().items() for key, p in factors.items()}
     if set(tensors) != set(expected):
         extra, lacking = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
         raise ValueError(f"{where}: adapter tensors differ from the model (unknown {extra[:3]}, absent {lacking[:3]})")
@@ -100,20 +69,34 @@ def read_adapters(path: Path | str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a safetensors adapter file ({err})") from None
 
 
-def merge_adapters(model: nn.Module) -> int:
-    """Replace every adapter layer of ``model`` by its merged ``nn.Linear`` (W0 + s B A; AdaLoRA:
-    PEFT's ``merge``, W0 + s B (A ⊙ E) / r); returns the count."""
-    layers = lora_layers(model, LoRALinear)
-    merged = {id(layer): layer.merge() for layer in layers.values()}
-    for name in adalora_factors(model):
-        layer = model.get_submodule(name)
-        layer.merge()  # in place into its base layer
-        merged[id(layer)] = layer.get_base_layer()
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if id(child) in merged:
-                setattr(parent, child_name, merged[id(child)])
-    return len(merged)
+# -- nested state ---------------------------------------------------------------------------------
+def split_tensors(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """A nested state (dicts, lists, tensors, JSON scalars) as flat tensors ``{"<prefix>.<path>": t}``
+    and a JSON skeleton in which each tensor is ``{"tensor": "<prefix>.<path>"}``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().cpu().contiguous()
+            return {"tensor": path}
+        if isinstance(obj, Mapping):
+            return {str(k): walk(v, f"{path}.{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        return obj
+
+    return tensors, walk(state, prefix)
+
+
+def join_tensors(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The nested state :func:`split_tensors` took apart."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"tensor"} and isinstance(skeleton["tensor"], str):
+            return tensors[skeleton["tensor"]]
+        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tensors(v, tensors) for v in skeleton]
+    return skeleton
 
 
 # -- optimizer and RNG states -------------------------------------------------------------------
@@ -159,31 +142,6 @@ def rng_states(generators: Mapping[str, torch.Generator]) -> tuple[dict[str, tor
         "python": json.loads(json.dumps(random.getstate())),
     }
     return tensors, meta
-
-
-def adalora_state_to_files(tuner) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """AdaLoRA's allocator state (PEFT ``AdaLoraModel``): the smoothed sensitivities as tensors
-    ``{"adalora.<stat>.<param>": t}`` and the latest ``rank_pattern`` as JSON."""
-    from selora.baselines.adalora import ADAPTER
-
-    alloc = tuner.rankallocator
-    tensors = {f"adalora.{stat}.{n}": t.detach().cpu().contiguous()
-               for stat in ADALORA_STATS for n, t in getattr(alloc, stat).items()}
-    return tensors, {"rank_pattern": tuner.peft_config[ADAPTER].rank_pattern}
-
-
-def adalora_state_from_files(tuner, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Restore what :func:`adalora_state_to_files` wrote into a freshly built ``AdaLoraModel``."""
-    from selora.baselines.adalora import ADAPTER
-
-    alloc = tuner.rankallocator
-    alloc.reset_ipt()
-    device = next(tuner.model.parameters()).device
-    for key, value in tensors.items():
-        if key.startswith("adalora."):
-            _, stat, name = key.split(".", 2)
-            getattr(alloc, stat)[name] = value.to(device)
-    tuner.peft_config[ADAPTER].rank_pattern = meta["rank_pattern"]
 
 
 def set_rng_states(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:

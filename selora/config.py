@@ -1,21 +1,28 @@
-"""Training configuration: the keys, their types and defaults, loading and validation.
+"""Training configuration: :class:`TrainConfig`, one typed declaration per key, loading and validation.
 
-A config is a YAML mapping of the keys in :data:`FIELDS`; ``--config`` takes a file path or the
-name of a shipped config (``montgomery-offline``, ``montgomery-paper``, ``iuxray-paper`` in
-``selora/configs/``). ``--set key=value`` overrides one key (the value is read as YAML:
-``--set interval=10``, ``--set unet_targets=[to_q,to_k]``). Every problem (unknown key, wrong
-type, value out of range, missing data root) is a one-line :class:`ConfigError` raised before any
-work starts.
+A config is a YAML mapping of some of the keys of :class:`TrainConfig`; keys it leaves out take the
+declared defaults. ``--config`` takes a file path or the name of a shipped config
+(``montgomery-offline``, ``montgomery-paper``, ``iuxray-paper`` in ``selora/configs/``, each listing
+only what differs from the defaults). ``--set key=value`` overrides one key; the value is read as
+YAML (``--set interval=10``, ``--set unet_targets=[to_q,to_k]``). File and ``--set`` values are
+coerced to the declared type: a ``str`` key takes the text as written (``--set mixed_precision=no``
+is ``"no"``, not YAML's ``False``), a ``float`` key takes ints and ``1e-4``. Every problem (unknown
+key, uncoercible value, value out of range, missing data root, a method that cannot train with the
+settings) is a one-line :class:`ConfigError` raised before any work starts.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+import types
+from collections.abc import Sequence
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from selora.methods import METHODS
 from selora.paths import PACKAGE_DIR
 
 CONFIGS_DIR = PACKAGE_DIR / "configs"
@@ -24,123 +31,214 @@ MODELS = ("mini-sd", "sd-v1-5")
 #: ``dataset`` values: the phantom Montgomery set (made on first use), the real one, IU X-ray.
 DATASETS = ("montgomery-phantom", "montgomery", "iuxray")
 
+_NULL_TAG = "tag:yaml.org,2002:null"
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the file/option, the key and what was expected."""
 
 
+def option(default: Any, help: str, choices: Sequence[Any] | None = None, minimum: float | None = None) -> Any:
+    """The declaration of one config key: its default, one-line help, allowed values and lower bound.
+
+    ``minimum`` bounds a number, or every element of a list of ints. A list default is copied per config.
+    """
+    meta = {"help": help, "choices": None if choices is None else tuple(choices), "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
-class Spec:
-    """One key: accepted types, optional choices and lower bound, and a one-line description."""
-
-    types: tuple[type, ...]
-    help: str
-    choices: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    list_of_str: bool = False  # a list value must hold strings
-
-
-_NUM = (int, float)
-FIELDS: dict[str, Spec] = {
-    # what to fine-tune on what
-    "model": Spec((str,), "base model: mini-sd (shipped, offline), sd-v1-5 (hub) or a local pipeline folder"),
-    "dataset": Spec((str,), "training data", choices=DATASETS),
-    "data_root": Spec((str, type(None)), "folder holding the data set (null: phantom / download)"),
-    "split_seed": Spec((int,), "seed of the train/test split", minimum=0),
-    "eval_split": Spec((str,), "held-out split evaluated after each epoch", choices=("test", "validation")),
-    "resolution": Spec((int,), "image side in pixels", minimum=8),
-    # adapters
-    "method": Spec((str,), "adapter method (see selora.train.METHODS)"),
-    "unet_targets": Spec((str, list), "inject preset or module names for the UNet", list_of_str=True),
-    "text_encoder_targets": Spec((str, list, type(None)), "preset/names for the text encoder (null: frozen)",
-                                 list_of_str=True),
-    "start_rank": Spec((int,), "SeLoRA initial rank", minimum=1),
-    "lora_rank": Spec((int,), "LoRA rank", minimum=1),
-    "max_rank": Spec((int, type(None)), "SeLoRA rank cap (null: min(in, out))", minimum=1),
-    "lora_scale": Spec(_NUM, "adapter scaling, fixed"),
-    "threshold": Spec(_NUM, "lambda: expand when FI_exp / FI_orig >= threshold (Eq. 5)"),
-    "interval": Spec((int,), "t: test for expansion every t optimizer steps", minimum=1),
-    # optimisation
-    "lr": Spec(_NUM, "AdamW learning rate", minimum=0),
-    "weight_decay": Spec(_NUM, "AdamW weight decay", minimum=0),
-    "lr_scheduler": Spec((str,), "learning-rate schedule after warm-up", choices=("constant", "cosine")),
-    "warmup_steps": Spec((int,), "linear warm-up steps", minimum=0),
-    "batch_size": Spec((int,), "global batch size (split over processes)", minimum=1),
-    "epochs": Spec((int,), "training epochs", minimum=1),
-    "seed": Spec((int,), "seed of adapters, noise, data order and K", minimum=0),
-    "prompt_dropout": Spec(_NUM, "probability of an empty prompt (classifier-free guidance)", minimum=0),
-    "max_grad_norm": Spec(_NUM + (type(None),), "gradient clipping norm (null: off)", minimum=0),
-    "mixed_precision": Spec((str,), "autocast dtype of the frozen models (GPU only)", choices=("no", "fp16", "bf16")),
-    "gradient_checkpointing": Spec((bool,), "recompute activations in backward"),
-    "num_workers": Spec((int,), "DataLoader workers for the one-off preprocessing pass", minimum=0),
-    # bookkeeping
-    "checkpoint_every": Spec((int,), "also checkpoint every N steps (0: at epoch ends only)", minimum=0),
-    "eval_every": Spec((int,), "evaluate every N epochs", minimum=1),
-    "num_samples": Spec((int,), "images in the sample grid at each evaluation (0: none)", minimum=0),
-    "sample_prompts": Spec((list, type(None)), "prompts of the sample grid (null: from the held-out split)",
-                           list_of_str=True),
-    "sample_steps": Spec((int,), "denoising steps of the sample grid", minimum=1),
-    "guidance_scale": Spec(_NUM, "classifier-free guidance of the sample grid", minimum=0),
-    "max_bad_steps": Spec((int,), "stop after this many non-finite steps in a row", minimum=1),
-    "debug_nan_steps": Spec((list,), "TEST HOOK: make the loss NaN on these batches (1-based count of batches drawn)"),
-}
-
-DEFAULTS: dict[str, Any] = {
-    "model": "mini-sd",
-    "dataset": "montgomery-phantom",
-    "data_root": None,
-    "split_seed": 0,
-    "eval_split": "test",
-    "resolution": 64,
-    "method": "selora",
-    "unet_targets": "paper-unet",
-    "text_encoder_targets": "paper-text-encoder",
-    "start_rank": 1,
-    "lora_rank": 4,
-    "max_rank": None,
-    "lora_scale": 1.0,
-    "threshold": 1.1,
-    "interval": 40,
-    "lr": 1.0e-4,
-    "weight_decay": 0.0,
-    "lr_scheduler": "constant",
-    "warmup_steps": 0,
-    "batch_size": 8,
-    "epochs": 100,
-    "seed": 0,
-    "prompt_dropout": 0.0,
-    "max_grad_norm": 1.0,
-    "mixed_precision": "no",
-    "gradient_checkpointing": False,
-    "num_workers": 0,
-    "checkpoint_every": 0,
-    "eval_every": 1,
-    "num_samples": 4,
-    "sample_prompts": None,
-    "sample_steps": 25,
-    "guidance_scale": 7.5,
-    "max_bad_steps": 5,
-    "debug_nan_steps": [],
-}
-
-@dataclass
 class TrainConfig:
-    """A validated config: ``values`` (every key of :data:`FIELDS`) and where it came from."""
+    """A validated training config: one attribute per key, plus where it came from.
 
-    values: dict[str, Any]
-    source: str = "<defaults>"
-    overrides: list[str] = field(default_factory=list)
+    Build one with :func:`load_config`, change one with ``dataclasses.replace(cfg, key=value)``;
+    both coerce and validate every key (:class:`ConfigError`). ``source`` and ``overrides`` are
+    not keys and do not take part in ``==``.
+    """
 
-    def __getattr__(self, key: str) -> Any:
-        values = self.__dict__.get("values", {})
-        if key in values:
-            return values[key]
-        raise AttributeError(key)
+    # what to fine-tune on what
+    model: str = option("mini-sd", "base model: mini-sd (shipped, offline), sd-v1-5 (hub) or a local pipeline folder")
+    dataset: str = option("montgomery-phantom", "training data", choices=DATASETS)
+    data_root: str | None = option(None, "folder holding the data set (null: phantom / download)")
+    split_seed: int = option(0, "seed of the train/test split", minimum=0)
+    eval_split: str = option("test", "held-out split evaluated after each epoch", choices=("test", "validation"))
+    resolution: int = option(64, "image side in pixels", minimum=8)
+    # adapters
+    method: str = option("selora", "adapter method (see selora.methods.METHODS)", choices=tuple(METHODS))
+    # (RUF009: option() returns a dataclasses.field; a list default is copied per config)
+    unet_targets: str | list[str] = option("paper-unet", "inject preset or module names for the UNet")  # noqa: RUF009
+    text_encoder_targets: str | list[str] | None = option(  # noqa: RUF009
+        "paper-text-encoder", "preset/names for the text encoder (null: frozen)")
+    start_rank: int = option(1, "SeLoRA initial rank", minimum=1)
+    lora_rank: int = option(4, "LoRA rank", minimum=1)
+    max_rank: int | None = option(None, "SeLoRA rank cap (null: min(in, out))", minimum=1)
+    lora_scale: float = option(1.0, "adapter scaling, fixed")
+    threshold: float = option(1.1, "lambda: expand when FI_exp / FI_orig >= threshold (Eq. 5)")
+    interval: int = option(40, "t: test for expansion every t optimizer steps", minimum=1)
+    # optimisation
+    lr: float = option(1.0e-4, "AdamW learning rate", minimum=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)
+    lr_scheduler: str = option("constant", "learning-rate schedule after warm-up", choices=("constant", "cosine"))
+    warmup_steps: int = option(0, "linear warm-up steps", minimum=0)
+    batch_size: int = option(8, "global batch size (split over processes)", minimum=1)
+    epochs: int = option(100, "training epochs", minimum=1)
+    seed: int = option(0, "seed of adapters, noise, data order and K", minimum=0)
+    prompt_dropout: float = option(0.0, "probability of an empty prompt (classifier-free guidance)", minimum=0)
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (null: off)", minimum=0)
+    mixed_precision: str = option("no", "autocast dtype of the frozen models (GPU only)", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    num_workers: int = option(0, "DataLoader workers for the one-off preprocessing pass", minimum=0)
+    # bookkeeping
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: at epoch ends only)", minimum=0)
+    eval_every: int = option(1, "evaluate every N epochs", minimum=1)
+    num_samples: int = option(4, "images in the sample grid at each evaluation (0: none)", minimum=0)
+    sample_prompts: list[str] | None = option(  # noqa: RUF009
+        None, "prompts of the sample grid (null: from the held-out split)")
+    sample_steps: int = option(25, "denoising steps of the sample grid", minimum=1)
+    guidance_scale: float = option(7.5, "classifier-free guidance of the sample grid", minimum=0)
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", minimum=1)
+    debug_nan_steps: list[int] = option(  # noqa: RUF009
+        [], "TEST HOOK: make the loss NaN on these batches (1-based count of batches drawn)", minimum=1)
+    # provenance (not keys)
+    source: str = field(default="<defaults>", compare=False)
+    overrides: list[str] = field(default_factory=list, compare=False)
+
+    def __post_init__(self) -> None:
+        where = self.source if not self.overrides else f"{self.source} (with --set {' '.join(self.overrides)})"
+        for f in config_fields():
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), where))
+        object.__setattr__(self, "overrides", list(self.overrides))
+        _check_rules(self, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{key: value}`` of every key, in declaration order (lists copied)."""
+        return {f.name: _copy(getattr(self, f.name)) for f in config_fields()}
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Read-only alias of :meth:`to_dict` (older callers)."""
+        return self.to_dict()
 
     def to_yaml(self) -> str:
-        """The resolved config as YAML (every key), with its origin as a comment."""
-        head = f"# resolved from {Path(self.source).name}" + (f" with --set {' '.join(self.overrides)}" if self.overrides else "")
-        return head + "\n" + yaml.safe_dump(self.values, sort_keys=False)
+        """The resolved config as YAML (every key), with its origin as a comment; loads back equal."""
+        head = f"# resolved from {Path(self.source).name}"
+        if self.overrides:
+            head += f" with --set {' '.join(self.overrides)}"
+        return head + "\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def config_fields() -> tuple[Field, ...]:
+    """The dataclass fields of the config keys (not ``source``/``overrides``), in declaration order."""
+    return tuple(f for f in fields(TrainConfig) if "help" in f.metadata)
+
+
+_TYPES: dict[str, Any] = get_type_hints(TrainConfig)
+#: The config keys, in declaration order.
+KEYS: tuple[str, ...] = tuple(f.name for f in config_fields())
+_FIELD: dict[str, Field] = {f.name: f for f in config_fields()}
+
+
+def _alternatives(key: str) -> tuple[Any, ...]:
+    """The declared type of ``key`` as a tuple of alternatives (``str | None`` -> (str, NoneType))."""
+    tp = _TYPES[key]
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is list:
+        return f"list of {get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def expected_type(key: str) -> str:
+    """The declared type of ``key`` in words: ``"str or list of str or null"``."""
+    return " or ".join(_type_name(t) for t in _alternatives(key))
+
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """``value`` as ``key``'s declared type, range-checked; a ConfigError naming ``where`` and ``key`` if it cannot be.
+
+    Ints are accepted for floats (converted), as are strings like ``"1e-4"``; bools are never numbers;
+    paths are accepted for strings.
+    """
+    if key not in _FIELD:
+        raise ConfigError(f"{where}: unknown key {key!r}; expected one of {', '.join(KEYS)}")
+    alts = _alternatives(key)
+    fail = f"{where}: key {key!r}: expected"
+    if str in alts and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if float in alts:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, str):
+            try:
+                value = float(value)  # PyYAML reads "1e-4" as a string
+            except ValueError:
+                pass
+    if not any(_is_instance(value, t) for t in alts):
+        raise ConfigError(f"{fail} {expected_type(key)}, got {type(value).__name__} {value!r}")
+    meta = _FIELD[key].metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{fail} a finite number, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{fail} one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    minimum = meta["minimum"]
+    if isinstance(value, list):
+        if list[str] in alts and not (value and all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"{fail} a non-empty list of strings, got {value!r}")
+        if list[int] in alts and not all(_is_int(v) and (minimum is None or v >= minimum) for v in value):
+            bound = "" if minimum is None else f" >= {minimum:g}"
+            raise ConfigError(f"{fail} a list of int{bound}, got {value!r}")
+        return list(value)
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise ConfigError(f"{fail} a value >= {minimum:g}, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    """``isinstance`` for the declared alternatives: a list type checks only that it is a list
+    (elements are checked by :func:`coerce`), an ``int`` is never a bool."""
+    if get_origin(tp) is list:
+        return isinstance(value, list)
+    if tp is int:
+        return _is_int(value)
+    return isinstance(value, tp)
+
+
+def _check_rules(cfg: TrainConfig, where: str) -> None:
+    """The cross-key rules and the method's own check (``Adapters.check_config``)."""
+    if cfg.prompt_dropout > 1:
+        raise ConfigError(f"{where}: key 'prompt_dropout': expected a probability in [0, 1], got {cfg.prompt_dropout!r}")
+    if cfg.model not in MODELS and not (Path(cfg.model) / "model_index.json").is_file():
+        raise ConfigError(
+            f"{where}: key 'model': expected {' or '.join(MODELS)} or a diffusers pipeline folder "
+            f"(with model_index.json), got {cfg.model!r}"
+        )
+    root = cfg.data_root
+    if root is not None and not Path(root).is_dir():
+        raise ConfigError(f"{where}: key 'data_root': no such folder {root!r}")
+    if root is None and cfg.dataset == "iuxray":
+        raise ConfigError(f"{where}: key 'data_root': IU X-ray has no downloader; set it to the folder holding the set")
+    if cfg.dataset == "iuxray" and cfg.eval_split != "validation":
+        raise ConfigError(f"{where}: key 'eval_split': IU X-ray selects the best epoch on 'validation'")
+    if cfg.dataset != "iuxray" and cfg.eval_split != "test":
+        raise ConfigError(f"{where}: key 'eval_split': Montgomery has no validation split (paper: 80/20); use 'test'")
+    try:
+        METHODS[cfg.method].check_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -155,74 +253,68 @@ def config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"--config {name_or_path}: no such file and not a shipped config (one of: {names})")
 
 
-def _check_value(key: str, value: Any, where: str) -> Any:
-    """``value`` if it fits ``FIELDS[key]`` (ints accepted for floats), else a ConfigError."""
-    spec = FIELDS[key]
-    expected = " or ".join("null" if t is type(None) else t.__name__ for t in spec.types)
-    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
-    if not ok:
-        raise ConfigError(f"{where}: key {key!r}: expected {expected}, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: key {key!r}: expected a finite number, got {value!r}")
-    if spec.choices is not None and value not in spec.choices:
-        raise ConfigError(f"{where}: key {key!r}: expected one of {', '.join(map(str, spec.choices))}, got {value!r}")
-    if spec.minimum is not None and isinstance(value, (int, float)) and value < spec.minimum:
-        raise ConfigError(f"{where}: key {key!r}: expected a value >= {spec.minimum:g}, got {value!r}")
-    if isinstance(value, list):
-        if spec.list_of_str and not (value and all(isinstance(v, str) and v for v in value)):
-            raise ConfigError(f"{where}: key {key!r}: expected a non-empty list of strings, got {value!r}")
-        if key == "debug_nan_steps" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-            raise ConfigError(f"{where}: key {key!r}: expected a list of batch numbers >= 1, got {value!r}")
-    return float(value) if float in spec.types and isinstance(value, int) and not isinstance(value, bool) else value
+def _node_value(key: str, node: yaml.Node, loader: yaml.SafeLoader) -> Any:
+    """The Python value of YAML ``node`` for ``key``: where the key (or its list elements) is a
+    string, a plain scalar is taken as written (``no`` -> ``"no"``, ``1.0`` -> ``"1.0"``), not as
+    YAML 1.1 reads it; ``null`` stays None."""
+    alts = _alternatives(key)
+    if isinstance(node, yaml.ScalarNode) and str in alts and node.tag != _NULL_TAG:
+        return node.value
+    if isinstance(node, yaml.SequenceNode) and list[str] in alts:
+        return [item.value if isinstance(item, yaml.ScalarNode) and item.tag != _NULL_TAG
+                else loader.construct_object(item, deep=True) for item in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def _parse_yaml(text: str, where: str, key: str | None = None) -> Any:
+    """``text`` as YAML: with ``key``, the value of that key (:func:`_node_value`); without, a
+    ``{key: value}`` mapping of a config file (unknown keys refused)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if key is not None:
+            return None if node is None else _node_value(key, node, loader)
+        if node is None:
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            got = type(loader.construct_object(node, deep=True)).__name__
+            raise ConfigError(f"{where}: expected a mapping of keys to values, got {got}")
+        out = {}
+        for key_node, value_node in node.value:
+            name = loader.construct_object(key_node, deep=True)
+            if not isinstance(name, str) or name not in _FIELD:
+                raise ConfigError(f"{where}: unknown key {name!r}; expected one of {', '.join(KEYS)}")
+            out[name] = _node_value(name, value_node, loader)
+        return out
+    finally:
+        loader.dispose()
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"key=value"`` -> (key, YAML-parsed value); numbers like ``1e-4`` are read as floats."""
+    """``"key=value"`` -> (key, value read as YAML and coerced to the key's type); a ConfigError if it cannot be."""
     key, sep, text = item.partition("=")
     key = key.strip()
+    where = f"--set {item}"
     if not sep or not key:
-        raise ConfigError(f"--set {item}: expected key=value")
-    if key not in FIELDS:
-        raise ConfigError(f"--set {item}: unknown key {key!r}; expected one of {', '.join(FIELDS)}")
+        raise ConfigError(f"{where}: expected key=value")
+    if key not in _FIELD:
+        raise ConfigError(f"{where}: unknown key {key!r}; expected one of {', '.join(KEYS)}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_yaml(text, where, key) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    if isinstance(value, str) and float in FIELDS[key].types:
-        try:
-            value = float(value)  # PyYAML reads "1e-4" as a string
-        except ValueError:
-            pass
-    return key, value
+    return key, coerce(key, value, where)
 
 
-def validate(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Type- and range-check every key and the cross-key rules; returns the normalised values."""
-    unknown = [k for k in values if k not in FIELDS]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected one of {', '.join(FIELDS)}")
-    out = {k: _check_value(k, values[k], where) for k in FIELDS}
-    from selora.train import METHODS  # the registry lives with the trainer
-
-    if out["method"] not in METHODS:
-        raise ConfigError(f"{where}: key 'method': expected one of {', '.join(METHODS)}, got {out['method']!r}")
-    if out["prompt_dropout"] > 1:
-        raise ConfigError(f"{where}: key 'prompt_dropout': expected a probability in [0, 1], got {out['prompt_dropout']!r}")
-    if out["model"] not in MODELS and not (Path(out["model"]) / "model_index.json").is_file():
-        raise ConfigError(
-            f"{where}: key 'model': expected {' or '.join(MODELS)} or a diffusers pipeline folder "
-            f"(with model_index.json), got {out['model']!r}"
-        )
-    root = out["data_root"]
-    if root is not None and not Path(root).is_dir():
-        raise ConfigError(f"{where}: key 'data_root': no such folder {root!r}")
-    if root is None and out["dataset"] == "iuxray":
-        raise ConfigError(f"{where}: key 'data_root': IU X-ray has no downloader; set it to the folder holding the set")
-    if out["dataset"] == "iuxray" and out["eval_split"] != "validation":
-        raise ConfigError(f"{where}: key 'eval_split': IU X-ray selects the best epoch on 'validation'")
-    if out["dataset"] != "iuxray" and out["eval_split"] != "test":
-        raise ConfigError(f"{where}: key 'eval_split': Montgomery has no validation split (paper: 80/20); use 'test'")
-    return out
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The ``{key: value}`` a config file sets, each value coerced to its key's type. Raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        loaded = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    return {k: coerce(k, v, str(path)) for k, v in loaded.items()}
 
 
 def load_config(
@@ -232,46 +324,35 @@ def load_config(
 ) -> TrainConfig:
     """Read a config (file, shipped name, or ``base`` values), apply ``--set`` overrides, validate.
 
-    Keys missing from the file take :data:`DEFAULTS`. Raises :class:`ConfigError`.
+    Keys set nowhere take the :class:`TrainConfig` defaults. Raises :class:`ConfigError`.
     """
-    values = dict(DEFAULTS)
+    values: dict[str, Any] = {}
     source = "<defaults>"
     if name_or_path is not None:
         path = config_path(name_or_path)
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
-        unknown = [k for k in loaded if k not in FIELDS]
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r}; expected one of {', '.join(FIELDS)}")
-        values.update(loaded)
+        values.update(read_config_file(path))
     if base is not None:
-        values.update(base)
+        values.update({k: coerce(k, v, "load_config(base=...)") for k, v in base.items()})
     for item in overrides:
         key, value = parse_override(item)
-        _check_value(key, value, f"--set {item}")
         values[key] = value
-    where = source if not overrides else f"{source} (with --set {' '.join(overrides)})"
-    return TrainConfig(validate(values, where), source, list(overrides))
+    return TrainConfig(**values, source=source, overrides=list(overrides))
 
 
 __all__ = [
     "CONFIGS_DIR",
-    "ConfigError",
     "DATASETS",
-    "DEFAULTS",
-    "FIELDS",
+    "KEYS",
     "MODELS",
+    "ConfigError",
     "TrainConfig",
+    "coerce",
+    "config_fields",
     "config_path",
+    "expected_type",
     "load_config",
+    "option",
     "parse_override",
-    "validate",
+    "read_config_file",
 ]

@@ -4,13 +4,13 @@
         [--config montgomery-offline] [--set key=value ...] [--limit N] [--batch 8] [--no-progress]
 
 For each (method, seed) the run ``DIR/runs/<method>-seed<seed>/`` is trained with
-:class:`selora.train.Trainer` (config + ``--set`` + ``method=<method>`` + ``seed=<seed>``; an
+:class:`selora.trainer.Trainer` (config + ``--set`` + ``method=<method>`` + ``seed=<seed>``; an
 interrupted run is resumed), its best adapters (lowest held-out loss) are loaded, one image is
 generated per test-split prompt (image i with the generator seed ``10^5 · seed + i``), and the
 profile's two metrics are computed against the real test images (:func:`selora.metrics.evaluate`:
 FID / CLIP score in the paper profile, the validated proxies offline). Writes::
 
-    DIR/runs/<method>-seed<seed>/evaluation.json   that run's result, with its final rank per layer (re-used on a re-run)
+    DIR/runs/<method>-seed<seed>/evaluation.json   that run's result, with its final rank per layer (re-used later)
     DIR/runs/<method>-seed<seed>/test-samples.png  the generated test images with their prompts
     DIR/runs/<method>-seed<seed>/test-samples.safetensors  {"images": uint8 (N, 1, R, R)} (prompts in evaluation.json)
     DIR/results.json   per run, mean ± std per method (sample std over seeds), provenance
@@ -23,22 +23,30 @@ encoder. Exit codes: 0 done, 1 a run stopped on non-finite losses, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
-import math
-import platform
-import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from selora.checkpoint import read_adapters
 from selora.config import ConfigError, TrainConfig, load_config
+from selora.data import open_dataset
+from selora.data.errors import DataError
 from selora.io import atomic_save_safetensors, atomic_write_text
+from selora.methods import METHODS
+from selora.metrics import LABELS, evaluate, images_from_pil
+from selora.params import adapter_counts
+from selora.profile import set_threads
+from selora.provenance import provenance
+from selora.rundir import adapters_path, load_run, run_config
+from selora.sample import generate, image_grid
+from selora.stats import mean_std
+from selora.trainer import NonFiniteLossError, Trainer
 
 RESULTS_JSON, RESULTS_MD, RUN_RESULT = "results.json", "results.md", "evaluation.json"
 SAMPLE_SEED_STRIDE = 100_000  # generator seed of test image i in a run of seed s: s * stride + i
@@ -62,92 +70,26 @@ def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list:
     return values
 
 
-def folder_sha256(folder: Path) -> str:
-    """sha256 over (relative path, bytes) of every file under ``folder``, in sorted order; hex."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def data_sha256(cfg: TrainConfig) -> str:
-    """sha256 of what the runs see: per split (train, ``eval_split``) the prompts and the
-    preprocessed images ``(1, R, R)`` as float32 bytes, in data-set order; hex."""
-    from selora.train import open_dataset
-
-    digest = hashlib.sha256()
-    for split in ("train", cfg.eval_split):
-        ds = open_dataset(cfg, split)
-        digest.update(f"{split}:{len(ds)}\0".encode())
-        for i in range(len(ds)):
-            item = ds[i]
-            digest.update(item["prompt"].encode() + b"\0")
-            digest.update(item["image"].float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def git_commit() -> dict[str, Any] | None:
-    """``{"commit": hex, "dirty": bool}`` of the source checkout, or None outside a git checkout."""
-    from selora.paths import repo_root
-
-    root = repo_root()
-    if root is None:
-        return None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if head.returncode != 0:
-        return None
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
-def model_provenance(cfg: TrainConfig) -> dict[str, Any]:
-    """The base model: hub id (paper) or the shipped / local folder's name and content hash."""
-    from selora.models import MINI_SD_DIR, SD15_MODEL_ID
-
-    if cfg.model == "sd-v1-5":
-        return {"model": "sd-v1-5", "hub_id": SD15_MODEL_ID}
-    folder = MINI_SD_DIR if cfg.model == "mini-sd" else Path(cfg.model)
-    return {"model": cfg.model if cfg.model == "mini-sd" else folder.name, "sha256": folder_sha256(folder)}
-
-
-def metric_provenance(profile: str) -> dict[str, Any]:
-    """Which weights the metrics used: the shipped proxies' content hashes, or the paper's models."""
-    from selora.metrics import CLIP_MODEL_ID, LABELS, load_proxy
-
-    if profile == "offline":
-        return {kind: {"label": LABELS[key], "fingerprint": load_proxy(kind).fingerprint}
-                for kind, key in (("frechet", "fid_proxy"), ("alignment", "alignment_proxy"))}
-    return {"fid": "torchmetrics FrechetInceptionDistance(feature=2048), 299 px bilinear",
-            "clip_score": CLIP_MODEL_ID}
-
-
 # -- one run ------------------------------------------------------------------------------------
 def run_name(method: str, seed: int) -> str:
+    """The folder name of one run under ``DIR/runs/``: ``<method>-seed<seed>``."""
     return f"{method}-seed{seed}"
 
 
 def check_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     """ConfigError when ``run_dir`` exists and was trained with a different config (never mixed silently)."""
-    from selora.train import run_config
-
     if not (run_dir / "config.yaml").is_file():
         return
-    saved = run_config(run_dir).values
-    diff = [k for k in cfg.values if saved.get(k) != cfg.values[k]]
+    saved, now = run_config(run_dir).to_dict(), cfg.to_dict()
+    diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         raise ConfigError(f"{run_dir.name}: trained with a different config ({diff[0]}: {saved.get(diff[0])!r} there, "
-                          f"{cfg.values[diff[0]]!r} now); use a new --out")
+                          f"{now[diff[0]]!r} now); use a new --out")
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train ``run_dir`` to the end, resuming an interrupted run; ``{"train_seconds", "resumed"}``
     (a resumed run's time covers only this process's part)."""
-    from selora.train import Trainer
-
     check_run_config(cfg, run_dir)
     resume = (run_dir / "config.yaml").is_file()
     start = time.perf_counter()
@@ -155,27 +97,8 @@ def train_run(cfg: TrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]
     return {"train_seconds": time.perf_counter() - start, "resumed": resume}
 
 
-def adapter_counts(run_dir: Path, pipe) -> dict[str, dict[str, Any]]:
-    """Trainable (adapter) and frozen base parameters per part (``unet``, ``text_encoder``, ``total``)
-    of the evaluated checkpoint, from its adapter file and the loaded pipeline."""
-    from selora.baselines import count_parameters
-
-    best = run_dir / "best" / "adapters.safetensors"
-    tensors = load_file(str(best if best.is_file() else run_dir / "adapters.safetensors"))
-    out = {}
-    for part in ("unet", "text_encoder"):
-        trainable = sum(t.numel() for k, t in tensors.items() if k.startswith(part + "."))
-        base = count_parameters(getattr(pipe, part)).base
-        out[part] = {"trainable": trainable, "base": base, "fraction": trainable / base}
-    trainable, base = (sum(out[p][k] for p in ("unet", "text_encoder")) for k in ("trainable", "base"))
-    out["total"] = {"trainable": trainable, "base": base, "fraction": trainable / base}
-    return out
-
-
 def held_out_split(cfg: TrainConfig, limit: int | None) -> tuple[list[str], torch.Tensor]:
     """Prompts and real images ``(N, 1, R, R)`` in [-1, 1] of the test split (first ``limit``)."""
-    from selora.train import open_dataset
-
     ds = open_dataset(cfg, "test")
     n = len(ds) if limit is None else min(limit, len(ds))
     items = [ds[i] for i in range(n)]
@@ -185,10 +108,6 @@ def held_out_split(cfg: TrainConfig, limit: int | None) -> tuple[list[str], torc
 def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int | None = None, batch: int = 8,
                  progress: bool = True) -> dict[str, Any]:
     """Train, sample the test split and score one (method, seed); writes ``run_dir/evaluation.json``."""
-    from selora.metrics import images_from_pil
-    from selora.sample import generate, image_grid
-    from selora.train import load_run
-
     timing = train_run(cfg, run_dir, progress)
     _, pipe = load_run(run_dir, adapters="best")
     prompts, real = held_out_split(cfg, limit)
@@ -203,7 +122,7 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int 
     scores = metrics(generated, prompts, real)
     state = json.loads((run_dir / "best" / "state.json").read_text(encoding="utf-8"))
     ranks = json.loads((run_dir / "best" / "ranks.json").read_text(encoding="utf-8"))
-    counts = adapter_counts(run_dir, pipe)
+    counts = adapter_counts(read_adapters(adapters_path(run_dir, "best")), pipe)  # the adapters load_run loaded
     result = {
         "method": cfg.method, "seed": cfg.seed, "run_dir": f"runs/{run_dir.name}",
         "metrics": {k: float(v) for k, v in scores.items()},
@@ -217,14 +136,6 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int 
 
 
 # -- the experiment -----------------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "std", "n"}``; ``std`` is the sample standard deviation (None for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n}
-
-
 def summarise(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per method: mean ± std over its runs of every metric and of :data:`SUMMARY_KEYS`."""
     out = {}
@@ -247,8 +158,6 @@ def summary_table(summary: dict[str, dict[str, Any]], reference: dict[str, dict[
     ``reference``: extra rows ``{label: {metric: value}}`` (e.g. the base model, real scans) shown
     below the methods with their metrics only.
     """
-    from selora.metrics import LABELS
-
     keys = list(next(iter(summary.values()))["metrics"])
     head = ["method", "seeds", *(LABELS.get(k, k) for k in keys), "trainable params", "% of base",
             "total rank", "train time (s)"]
@@ -281,50 +190,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"- seeds: {', '.join(map(str, prov['seeds']))}; test images per run: {prov['num_test_images']}",
         f"- git commit: {git.get('commit', 'unknown')}" + (" (uncommitted changes)" if git.get("dirty") else ""),
         f"- metrics: {json.dumps(prov['metrics'])}",
-        f"- mean ± sample std over seeds; trainable parameters = adapters of the evaluated (best) checkpoint",
+        "- mean ± sample std over seeds; trainable parameters = adapters of the evaluated (best) checkpoint",
     ]
     return "# Results: methods × seeds on the test split\n\n" + "\n".join(lines) + "\n\n## Provenance\n\n" + \
         "\n".join(info) + "\n"
 
 
-def _portable(value: Any) -> Any:
-    """An absolute path (a local model or data folder) reduced to its last part; anything else as is."""
-    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
-
-
-def provenance(cfg: TrainConfig, methods: Sequence[str], seeds: Sequence[int], config: str,
-               overrides: Sequence[str], limit: int | None) -> dict[str, Any]:
-    """Everything needed to say where the numbers come from (no absolute paths)."""
-    import diffusers
-    import peft
-    import transformers
-
-    import selora
-    from selora.profile import profile
-    from selora.train import open_dataset
-
-    name = profile()
-    values = {k: _portable(v) for k, v in cfg.values.items() if k not in ("method", "seed")}
-    overrides = [f"{k}={_portable(v)}" for k, _, v in (o.partition("=") for o in overrides)]
-    return {
-        "profile": name, "model": model_provenance(cfg), "dataset": cfg.dataset, "data_sha256": data_sha256(cfg),
-        "methods": list(methods), "seeds": list(seeds), "config": Path(config).name, "overrides": list(overrides),
-        "resolved_config": values, "num_test_images": min(len(open_dataset(cfg, "test")), limit or math.inf),
-        "metrics": metric_provenance(name),
-        "git": git_commit(),
-        "versions": {"selora": selora.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def run_configs(config: str, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
                 ) -> dict[tuple[str, int], TrainConfig]:
     """The validated config of every (method, seed); every problem is a ConfigError before any work."""
-    from selora.train import METHODS
-
     taken = [o for o in overrides if o.partition("=")[0].strip() in ("method", "seed")]
     if taken:
         raise ConfigError(f"--set {taken[0]}: method and seed are set by --methods and --seeds")
@@ -344,10 +218,6 @@ def run_experiment(methods: Sequence[str], seeds: Sequence[int], out: Path | str
     ``metrics`` defaults to :func:`selora.metrics.evaluate` of the active profile. A run whose
     ``evaluation.json`` exists is not redone (so an interrupted experiment continues).
     """
-    from functools import partial
-
-    from selora.metrics import evaluate
-
     if limit is not None and limit < 2:
         raise ConfigError(f"--limit {limit}: expected at least 2 test images (a Fréchet distance needs two)")
     if batch < 1:
@@ -388,10 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from selora.data.errors import DataError
-    from selora.profile import set_threads
-    from selora.train import NonFiniteLossError
-
     try:
         methods = parse_list(args.methods, "--methods")
         seeds = parse_list(args.seeds, "--seeds", int)

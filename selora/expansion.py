@@ -16,8 +16,9 @@ parameters into the optimizer (:mod:`selora.optim`). Unarmed layers pay one ``is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,7 +125,6 @@ class ExpansionController:
         self.reduce = reduce
         self.count = 0
         self.captures: dict[str, LayerCapture] = {}
-        self.history: list[tuple[int, list[Decision]]] = []
         self.closed = False
         self._rearm()
 
@@ -168,7 +168,6 @@ class ExpansionController:
         decisions: list[Decision] = []
         if self.count % self.interval == 0 and not self.closed:
             decisions = self._decide()
-            self.history.append((self.count, decisions))
         self._rearm()
         return decisions
 

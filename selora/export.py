@@ -29,18 +29,19 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from selora.inject import KINDS
+from selora.inject import KINDS, replace_modules
 from selora.io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from selora.layers import LoRALinear, lora_layers
+from selora.pipeline import COMPONENTS  # the pipeline parts SeLoRA adapts (never the VAE); re-exported
 
-COMPONENTS = ("unet", "text_encoder")  # the pipeline parts SeLoRA adapts (never the VAE)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -185,7 +186,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118 (no __iter__)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: refused, expected a safetensors file (pickled weights are never loaded): {err}") from err
 
@@ -255,14 +256,6 @@ def read_export(path: str | Path) -> dict[str, Adapters]:
     return out
 
 
-def _replace_modules(model: nn.Module, new: Mapping[int, nn.Module]) -> None:
-    """Install ``new[id(old)]`` wherever module ``old`` is registered in ``model`` (also duplicates)."""
-    for _, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in new:
-                setattr(parent, child_name, new[id(child)])
-
-
 def _check(model: nn.Module, adapters: Adapters, source: str) -> dict[str, nn.Linear]:
     """The base ``nn.Linear`` of every adapted module; the first missing/mismatching module is an error."""
     modules = dict(model.named_modules())
@@ -274,7 +267,9 @@ def _check(model: nn.Module, adapters: Adapters, source: str) -> dict[str, nn.Li
         base = module.base if isinstance(module, LoRALinear) else module
         if not isinstance(base, nn.Linear):
             found = "nothing" if module is None else type(module).__name__
-            raise ValueError(f"{source}: module {name} is not a linear layer of this model (found {found})")
+            raise ValueError(  # noqa: TRY004 (a bad file, not a bad argument type)
+                f"{source}: module {name} is not a linear layer of this model (found {found})"
+            )
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
             raise ValueError(
                 f"{source}: module {name} does not match this model: the file has lora_A {tuple(A.shape)} and "
@@ -330,7 +325,7 @@ def load_selora(pipe_or_model: Any, path: str | Path, kind: str = "selora", comp
             layer.lora_B = nn.Parameter(B.to(dtype=w.dtype, device=w.device).clone())
             new[id(modules[name])] = layer
             loaded[prefix + name] = layer
-        _replace_modules(model, new)
+        replace_modules(model, new)
     return loaded
 
 
@@ -346,7 +341,7 @@ def merge_into(pipe_or_model: Any) -> Any:
     merged = 0
     for model in models:
         layers = lora_layers(model)
-        _replace_modules(model, {id(layer): layer.merge() for layer in layers.values()})
+        replace_modules(model, {id(layer): layer.merge() for layer in layers.values()})
         merged += len(layers)
     if not merged:
         raise ValueError("merge_into: no LoRA/SeLoRA layer found to merge")
@@ -387,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from selora.train import load_run  # the trainer's reader of its own run directory
+    from selora.rundir import load_run  # the reader of a training run directory
 
     diffusers_logging.disable_progress_bar()  # keep stderr to the one line that matters
     transformers_logging.disable_progress_bar()

@@ -151,7 +151,3 @@ class LayerCapture:
         stats = sample_stats(*self._sums)
         self._sums = None
         self.stats = stats if self.stats is None else self.stats + stats.to(self.stats)
-
-    def scores(self) -> tuple[float, float]:
-        """``(FI_orig, FI_exp)`` of the samples captured so far (``(0, 0)`` without samples)."""
-        return fi_scores(self.stats) if self.stats is not None else (0.0, 0.0)

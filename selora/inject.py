@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,32 @@ def matches(name: str, target: str) -> bool:
         return False
 
 
+def replace_modules(model: nn.Module, new: Mapping[int, nn.Module]) -> int:
+    """Install ``new[id(old)]`` in every slot of ``model`` that holds a module ``old`` keyed in ``new``.
+
+    Contract:
+
+    - ``new`` maps ``id(old module)`` to its replacement; the caller keeps every ``old`` alive while
+      this runs (an ``id`` is only unique among live objects), e.g. by holding them in a dict.
+    - A slot is one ``(parent, name)`` entry of ``parent._modules`` for each distinct module
+      ``parent`` of ``model.modules()`` (``model`` included), so a module registered under several
+      names, which ``named_children()`` / ``named_modules()`` list once, is replaced under every
+      name. ``None`` children are skipped. ``model`` itself is no slot and is never replaced.
+    - The parents are listed before anything changes: the replacements are not walked, so a
+      replacement may contain the module it replaces (an adapter wrapping its base layer).
+    - Keys not found in ``model`` are ignored; no type check is made (filter ``new`` beforehand).
+
+    Returns the number of slots replaced (``0`` when nothing matched).
+    """
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):  # named_children() hides duplicates
+            if child is not None and id(child) in new:
+                setattr(parent, child_name, new[id(child)])
+                replaced += 1
+    return replaced
+
+
 def _targets(targets: str | Sequence[str]) -> tuple[list[str], bool]:
     """Resolve a preset name or a list of targets; returns (patterns, is_preset)."""
     if isinstance(targets, str):
@@ -58,7 +84,9 @@ def select_linear(model: nn.Module, targets: str | Sequence[str]) -> dict[str, n
     naming a few available modules when a preset matches nothing or a listed target matches nothing.
     """
     if isinstance(model, nn.Linear):
-        raise ValueError("inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear")
+        raise ValueError(  # noqa: TRY004 (ValueError is the documented contract)
+            "inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear"
+        )
     patterns, is_preset = _targets(targets)
     adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # never wrap twice
     linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapted}
@@ -113,9 +141,5 @@ def inject(
     for base in selected.values():
         if id(base) not in wrapped:
             wrapped[id(base)] = cls(base, rank=rank, scale=scale, init=init, generator=generator)
-    # install under every name, also the duplicate names that named_modules() hides
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):  # named_children() hides duplicates
-            if id(child) in wrapped and isinstance(child, nn.Linear):
-                setattr(parent, child_name, wrapped[id(child)])
+    replace_modules(model, wrapped)  # keys: ids of the selected nn.Linear only, under every name
     return {name: wrapped[id(base)] for name, base in selected.items()}

@@ -1,4 +1,4 @@
-"""The base model per profile: Stable Diffusion v1.5 (paper) or the shipped mini SD (offline).
+"""The base models: Stable Diffusion v1.5 (paper profile) or the shipped mini SD (offline), and THE loader.
 
 Both go through the same ``StableDiffusionPipeline.from_pretrained`` call; only the source
 differs. The paper names ``runwayml/stable-diffusion-v1-5``, which has been removed from the
@@ -8,28 +8,20 @@ same weights. The offline model is a genuine diffusers pipeline folder in ``selo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import StableDiffusionPipeline
 
+from selora.distributed import default_device
 from selora.paths import ASSETS_DIR
-from selora.profile import device as default_device
+from selora.profile import PROFILES
 from selora.profile import profile as active_profile
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MINI_SD_DIR = ASSETS_DIR / "mini-sd"
-RESOLUTION = {"paper": 224, "offline": 64}  # image side in pixels (paper: 224 x 224 crops)
-
-
-def _check(profile: str | None) -> str:
-    name = profile or active_profile()
-    if name not in RESOLUTION:
-        raise ValueError(f"profile {name!r}: expected one of {', '.join(RESOLUTION)}")
-    return name
-
-
-def resolution(profile: str | None = None) -> int:
-    """Training/sampling image side for ``profile`` (default: the active one): 224 paper, 64 offline."""
-    return RESOLUTION[_check(profile)]
+#: The base model each profile fine-tunes (config ``model`` values).
+PROFILE_MODELS = {"paper": "sd-v1-5", "offline": "mini-sd"}
 
 
 def sd15_scheduler_config() -> dict[str, object]:
@@ -43,26 +35,34 @@ def sd15_scheduler_config() -> dict[str, object]:
     }
 
 
+def model_source(model: str) -> tuple[str, bool]:
+    """``(from_pretrained source, local_files_only)`` of ``mini-sd``, ``sd-v1-5`` or a local pipeline folder."""
+    if model == "sd-v1-5":
+        return SD15_MODEL_ID, False
+    folder = MINI_SD_DIR if model == "mini-sd" else Path(model)
+    if not (folder / "model_index.json").is_file():
+        hint = " (rebuild it with `python scripts/build_mini_sd.py`)" if model == "mini-sd" else ""
+        raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no model_index.json){hint}")
+    return str(folder), True
+
+
 def load_pipeline(
-    profile: str | None = None,
+    model: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> StableDiffusionPipeline:
-    """The base StableDiffusionPipeline of ``profile`` in ``dtype`` on ``device``, safety checker off.
+    """The base StableDiffusionPipeline in ``dtype`` on ``device`` (default: CUDA if present), safety checker off.
 
-    paper: ``from_pretrained(SD15_MODEL_ID)`` (downloads ~4 GB once into the HF cache);
-    offline: ``from_pretrained(MINI_SD_DIR, local_files_only=True)``, never touching the network.
+    ``model``: ``sd-v1-5`` (``from_pretrained(SD15_MODEL_ID)``, ~4 GB downloaded once into the HF
+    cache), ``mini-sd`` (the shipped folder, never touching the network), a local pipeline folder,
+    or None for the active profile's model (:data:`PROFILE_MODELS`).
     """
-    name = _check(profile)
-    if name == "paper":
-        source, local = SD15_MODEL_ID, False
-    else:
-        if not (MINI_SD_DIR / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{MINI_SD_DIR}: the offline model folder is missing model_index.json "
-                "(rebuild it with `python scripts/build_mini_sd.py`)"
-            )
-        source, local = str(MINI_SD_DIR), True
+    if model is None:
+        model = PROFILE_MODELS[active_profile()]
+    if model in PROFILES:
+        raise ValueError(f"model {model!r}: expected a model name ({', '.join(PROFILE_MODELS.values())}) "
+                         f"or a pipeline folder, not a profile name; the profile's model is {PROFILE_MODELS[model]!r}")
+    source, local = model_source(model)
     pipe = StableDiffusionPipeline.from_pretrained(
         source,
         torch_dtype=dtype,

@@ -13,6 +13,8 @@ import random
 import numpy as np
 import torch
 
+from selora.distributed import default_device as device
+
 PROFILES = ("offline", "paper")
 
 
@@ -33,11 +35,6 @@ def require_online(what: str) -> None:
             f"{what} needs the network, but the profile is 'offline' "
             "(set SELORA_PROFILE=paper on a machine with internet access)"
         )
-
-
-def device() -> torch.device:
-    """The device chapters and the trainer use: CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def set_threads(n: int | None = None) -> int:

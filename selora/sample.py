@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from selora.config import ConfigError
+from selora.data import DataError, split_prompts
+from selora.rundir import load_run, run_config
 
 
 @torch.no_grad()
@@ -46,6 +48,12 @@ def generate(
                    guidance_scale=guidance, generator=gens, output_type="pil")
         images.extend(out.images)
     return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``(N, 1, H, W)`` images in [-1, 1] -> N grayscale PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a[0].numpy(), mode="L") for a in arr]
 
 
 def image_grid(images: Sequence[Image.Image], captions: Sequence[str], cols: int = 4, width: int = 24) -> Image.Image:
@@ -117,9 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output folder (default RUN_DIR/samples/<name>)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from selora.data.errors import DataError
-    from selora.train import load_run, run_config, split_prompts
-
     try:
         if args.steps < 1 or args.batch < 1 or args.guidance < 0 or (args.limit is not None and args.limit < 1):
             raise ConfigError("--steps, --batch, --limit must be >= 1 and --guidance >= 0")
@@ -127,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.prompts is not None:
             prompts, name = read_prompts(args.prompts), args.prompts.stem
         else:
-            prompts, name = split_prompts(cfg, args.split), args.split
+            try:
+                prompts, name = split_prompts(cfg, args.split), args.split
+            except DataError as err:
+                raise ConfigError(f"--split {args.split}: {err}") from None
         cfg, pipe = load_run(args.run, adapters=args.adapters, merged=args.merged)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -12,8 +12,18 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-__all__ = ["METHOD_COLORS", "method_color", "offline_label", "step_plot", "rank_trajectories", "rank_heatmap",
-           "rank_map", "image_rows", "method_bars"]
+__all__ = [
+    "METHOD_COLORS",
+    "gray_array",
+    "image_rows",
+    "method_bars",
+    "method_color",
+    "offline_label",
+    "rank_heatmap",
+    "rank_map",
+    "rank_trajectories",
+    "step_plot",
+]
 
 #: One colour per method (colour-blind-friendly Okabe–Ito palette); used by every figure.
 METHOD_COLORS: dict[str, str] = {
@@ -116,12 +126,20 @@ def rank_map(ax: Axes, rows: Sequence[str], cols: Sequence[str], matrix: np.ndar
     return image
 
 
-def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(C, H, W) in [-1, 1] (channels averaged) -> (H, W) in [0, 1]."""
+def gray_array(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A model image or a decoded scan as an ``(H, W)`` array in [0, 1] for ``imshow(vmin=0, vmax=1)``.
+
+    ``image``: a model image ``(C, H, W)`` in [-1, 1] (any C; channels averaged, then mapped by
+    ``(x + 1) / 2``) or an already gray ``(H, W)`` image in [0, 1] (kept). Either result is clipped
+    to [0, 1]. A tensor becomes float32 (detached, on the CPU), anything else float64. Any other
+    number of dimensions is a ``ValueError``.
+    """
     arr = image.detach().float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
-    if arr.ndim != 3:
-        raise ValueError(f"image: expected (C, H, W) in [-1, 1], got shape {arr.shape}")
-    return np.clip((arr.mean(0) + 1) / 2, 0, 1)
+    if arr.ndim == 3:
+        arr = (arr.mean(0) + 1) / 2
+    elif arr.ndim != 2:
+        raise ValueError(f"image: expected (C, H, W) in [-1, 1] or (H, W) in [0, 1], got shape {arr.shape}")
+    return np.clip(arr, 0, 1)
 
 
 def image_rows(rows: Mapping[str, Sequence], captions: Sequence[str], title: str, width: int = 26) -> Figure:
@@ -135,7 +153,7 @@ def image_rows(rows: Mapping[str, Sequence], captions: Sequence[str], title: str
     for r, (label, images) in enumerate(rows.items()):
         for c, image in enumerate(images):
             ax = axes[r, c]
-            ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(gray_array(image), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from selora.baselines import (
-    adalora_config, adalora_ranks, count_parameters, inject_adalora, make_adapters, orthogonal_regulariser,
-    resolve_targets,
+from selora.methods import (
+    adalora_config, adalora_ranks, inject_adalora, make_adapters, orthogonal_regulariser, resolve_targets,
 )
+from selora.params import count_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_inject import tiny_clip, tiny_unet, unet_forward  # noqa: E402

@@ -1,19 +1,49 @@
 """Config loading and validation: shipped configs, --set overrides, one-line errors."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import yaml
 
-from selora.config import CONFIGS_DIR, DEFAULTS, FIELDS, ConfigError, config_path, load_config, parse_override
+from selora.config import (
+    CONFIGS_DIR,
+    KEYS,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    config_fields,
+    config_path,
+    load_config,
+    parse_override,
+    read_config_file,
+)
+from selora.methods import METHODS
 
 SHIPPED = ("montgomery-offline", "montgomery-paper", "iuxray-paper")
+DEFAULTS = TrainConfig().to_dict()
 
 
-def test_every_key_has_a_default_and_every_shipped_config_spells_out_every_key():
-    assert set(DEFAULTS) == set(FIELDS)
+def test_every_key_has_help_and_a_default_of_its_declared_type():
+    assert len(KEYS) == 35 and KEYS == tuple(DEFAULTS)
+    assert "source" not in KEYS and "overrides" not in KEYS
+    for f in config_fields():
+        assert f.metadata["help"].strip(), f"{f.name}: no help text"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        value = coerce(f.name, default, "default")  # raises if the default is not of the declared type
+        assert value == default and type(value) is type(default), f.name
+    assert TrainConfig.__dataclass_fields__["method"].metadata["choices"] == tuple(METHODS)
+    assert (DEFAULTS["threshold"], DEFAULTS["start_rank"], DEFAULTS["lora_rank"]) == (1.1, 1, 4)
+
+
+def test_shipped_configs_list_only_what_differs_from_the_defaults():
     for name in SHIPPED:
-        data = yaml.safe_load(config_path(name).read_text())
-        assert set(data) == set(FIELDS), f"{name}: keys differ from FIELDS"
+        data = read_config_file(config_path(name))
+        assert data, name
+        same = [k for k, v in data.items() if v == DEFAULTS[k]]
+        assert not same, f"{name}: restates the defaults of {same}"
+        assert set(data) == set(yaml.safe_load(config_path(name).read_text())), name
 
 
 def test_shipped_configs_match_the_paper_where_the_paper_is_specific(tmp_path):
@@ -34,7 +64,7 @@ def test_config_by_path_and_unknown_name(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("interval: 7\nlr: 3.0e-4\n")
     cfg = load_config(path)
-    assert cfg.interval == 7 and cfg.lr == 3e-4 and cfg.threshold == DEFAULTS["threshold"]
+    assert cfg.interval == 7 and cfg.lr == 3e-4 and cfg.threshold == TrainConfig().threshold
     with pytest.raises(ConfigError, match=r"no such file and not a shipped config \(one of: iuxray-paper, montgomery-offline"):
         load_config("montgomery-nope")
     assert {p.stem for p in CONFIGS_DIR.glob("*.yaml")} == set(SHIPPED)
@@ -47,15 +77,23 @@ def test_config_by_path_and_unknown_name(tmp_path):
         ("interval: 2.5\n", "key 'interval': expected int, got float 2.5"),
         ("interval: true\n", "key 'interval': expected int, got bool True"),
         ("interval: 0\n", "key 'interval': expected a value >= 1, got 0"),
-        ("lr: fast\n", "key 'lr': expected int or float, got str 'fast'"),
+        ("lr: fast\n", "key 'lr': expected float, got str 'fast'"),
+        ("lr: yes\n", "key 'lr': expected float, got bool True"),
+        ("max_rank: 2.0\n", "key 'max_rank': expected int or null, got float 2.0"),
+        ("gradient_checkpointing: 1\n", "key 'gradient_checkpointing': expected bool, got int 1"),
+        ("unet_targets: {to_q: 1}\n", "key 'unet_targets': expected str or list of str, got dict {'to_q': 1}"),
         ("method: dora\n", "key 'method': expected one of selora, lora"),
         ("mixed_precision: fp8\n", "key 'mixed_precision': expected one of no, fp16, bf16"),
+        ("mixed_precision: off\n", "key 'mixed_precision': expected one of no, fp16, bf16, got 'off'"),
+        ("mixed_precision: null\n", "key 'mixed_precision': expected str, got NoneType None"),
+        ("sample_prompts: [a, null]\n", "key 'sample_prompts': expected a non-empty list of strings"),
+        ("method: adalora\nlora_rank: 7\n", "key 'lora_rank': AdaLoRA prunes from rank 6"),
         ("unet_targets: []\n", "key 'unet_targets': expected a non-empty list of strings"),
         ("prompt_dropout: 1.5\n", "key 'prompt_dropout': expected a probability"),
         ("eval_split: validation\n", "Montgomery has no validation split"),
         ("data_root: does/not/exist\n", "key 'data_root': no such folder"),
         ("model: no/such/pipeline\n", "key 'model': expected mini-sd or sd-v1-5 or a diffusers pipeline folder"),
-        ("debug_nan_steps: [0]\n", "key 'debug_nan_steps': expected a list of batch numbers >= 1"),
+        ("debug_nan_steps: [0]\n", "key 'debug_nan_steps': expected a list of int >= 1"),
         ("- a\n- b\n", "expected a mapping of keys to values, got list"),
         ("interval: [1\n", "not valid YAML"),
     ],
@@ -75,6 +113,9 @@ def test_overrides_are_parsed_as_yaml_with_float_fallback():
     assert parse_override("unet_targets=[to_q, to_k]") == ("unet_targets", ["to_q", "to_k"])
     assert parse_override("text_encoder_targets=null") == ("text_encoder_targets", None)
     assert parse_override("gradient_checkpointing=true") == ("gradient_checkpointing", True)
+    assert parse_override("gradient_checkpointing=no") == ("gradient_checkpointing", False)  # a bool key: YAML's no
+    assert parse_override("max_rank=null") == ("max_rank", None)
+    assert parse_override("lora_scale=2") == ("lora_scale", 2.0) and isinstance(parse_override("lora_scale=2")[1], float)
     cfg = load_config("montgomery-offline", ["threshold=1.05", "interval=10", "threshold=2"])
     assert (cfg.threshold, cfg.interval) == (2.0, 10) and isinstance(cfg.threshold, float)
     assert cfg.overrides == ["threshold=1.05", "interval=10", "threshold=2"]
@@ -87,10 +128,16 @@ def test_overrides_are_parsed_as_yaml_with_float_fallback():
         ("colour=red", "unknown key 'colour'"),
         ("interval=ten", "--set interval=ten: key 'interval': expected int, got str 'ten'"),
         ("threshold=inf", "key 'threshold': expected a finite number"),
+        ("threshold=.nan", "key 'threshold': expected a finite number"),
+        ("lr=[1e-4]", "--set lr=[1e-4]: key 'lr': expected float, got list ['1e-4']"),
+        ("max_rank=big", "--set max_rank=big: key 'max_rank': expected int or null, got str 'big'"),
+        ("mixed_precision=false", "--set mixed_precision=false: key 'mixed_precision': expected one of no, fp16, bf16, got"),
+        ("mixed_precision=", "key 'mixed_precision': expected str, got NoneType None"),
+        ("debug_nan_steps=[true]", "key 'debug_nan_steps': expected a list of int >= 1, got [True]"),
     ],
 )
 def test_bad_override(item, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("montgomery-offline", [item])
 
 
@@ -99,6 +146,48 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert path.read_text().startswith("# resolved from montgomery-offline.yaml with --set interval=5")
-    assert load_config(path).values == cfg.values
-    with pytest.raises(AttributeError):
-        cfg.no_such_key
+    again = load_config(path)
+    assert again == cfg and again.to_dict() == cfg.to_dict() and list(again.to_dict()) == list(KEYS)
+    assert again.values == cfg.values  # the read-only alias of to_dict()
+    assert again.source == str(path) and cfg.source.endswith("montgomery-offline.yaml")  # provenance: not compared
+    for name in SHIPPED[:2]:  # every shipped config, resolved and written out, loads back equal
+        shipped = load_config(name, ["mixed_precision=no", "sample_prompts=[yes, 'no', 1.5]"])
+        path.write_text(shipped.to_yaml())
+        assert load_config(path) == shipped and shipped.sample_prompts == ["yes", "no", "1.5"]
+    assert not hasattr(cfg, "no_such_key")
+
+
+def test_mixed_precision_no_via_set_and_via_unquoted_yaml(tmp_path):
+    cfg = load_config("montgomery-paper", ["mixed_precision=no"])
+    assert cfg.mixed_precision == "no" and cfg.overrides == ["mixed_precision=no"]
+    assert load_config("montgomery-paper", ["mixed_precision='no'"]).mixed_precision == "no"
+    assert load_config("montgomery-paper", ['mixed_precision="no"']).mixed_precision == "no"
+    path = tmp_path / "mine.yaml"
+    path.write_text("mixed_precision: no\nmodel: sd-v1-5\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+
+
+def test_config_is_frozen_and_replace_coerces_and_validates():
+    cfg = load_config("montgomery-offline")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    faster = dataclasses.replace(cfg, lr=1, interval=10)
+    assert (faster.lr, faster.interval, cfg.lr) == (1.0, 10, 1e-3) and isinstance(faster.lr, float)
+    assert faster.source == cfg.source and faster != cfg
+    with pytest.raises(ConfigError, match="montgomery-offline.yaml: key 'interval': expected int, got str 'ten'"):
+        dataclasses.replace(cfg, interval="ten")
+    with pytest.raises(ConfigError, match="key 'prompt_dropout': expected a probability"):
+        dataclasses.replace(cfg, prompt_dropout=2)
+    assert TrainConfig() == load_config() and TrainConfig().source == "<defaults>"
+
+
+def test_method_check_names_the_key_and_the_source():
+    assert load_config("montgomery-offline", ["method=adalora", "lora_rank=6"]).lora_rank == 6
+    with pytest.raises(ConfigError) as err:
+        load_config("montgomery-offline", ["method=adalora", "lora_rank=7"])
+    msg = str(err.value)
+    assert msg.startswith(str(config_path("montgomery-offline")) + " (with --set method=adalora lora_rank=7): key 'lora_rank': ")
+    assert "expected lora_rank <= 6, got 7" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"load_config\(base=\.\.\.\): key 'seed': expected int, got str 'x'"):
+        load_config(base={"seed": "x"})

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from selora.config import load_config
-from selora.train import Trainer, read_records
+from selora.rundir import read_records
+from selora.trainer import Trainer
 from test_train import REPO, _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
 DRIVER = '''
@@ -21,15 +22,15 @@ from safetensors.torch import save_file
 from selora.checkpoint import adapter_tensors
 from selora.config import load_config
 from selora.layers import ranks
-from selora.train import Trainer
+from selora.trainer import Trainer
 
 cfg = load_config("montgomery-offline", json.loads(sys.argv[2]))
 trainer = Trainer(cfg, sys.argv[1], progress=False)
 trainer.run()
-rank = trainer.d.rank
-save_file(adapter_tensors(trainer.model), os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
+rank = trainer.dist.rank
+save_file(adapter_tensors(trainer.adapters), os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
-    json.dump({"ranks": ranks(trainer.model), "world": trainer.d.world, "threads": torch.get_num_threads()}, fh)
+    json.dump({"ranks": ranks(trainer.model), "world": trainer.dist.world, "threads": torch.get_num_threads()}, fh)
 '''
 
 

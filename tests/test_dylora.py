@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import selora
-from selora.baselines import DyLoRALinear, count_parameters, make_adapters, sample_truncation, set_truncation
+from selora.methods import DyLoRALinear, make_adapters, sample_truncation, set_truncation
+from selora.params import count_parameters
 
 
 def layer(rank=4, seed=0, dtype=torch.float64):

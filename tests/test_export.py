@@ -235,7 +235,7 @@ def stock(trained):
     args = [root / "base", root / "diffusers", root / "peft", root / "inputs.safetensors", result]
     proc = subprocess.run(
         [sys.executable, "-I", str(script), *map(str, args)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, f"stock process failed:\n{proc.stderr[-3000:]}"
     return load_file(str(result))
@@ -334,7 +334,7 @@ def test_load_selora_from_peft_folder_into_one_model(trained):
 
 
 def test_merge_equals_unmerged_and_saves_a_plain_pipeline(trained, tmp_path):
-    root, pipe, x, ref = trained
+    _root, pipe, x, ref = trained
     merged = merge_into(copy.deepcopy(pipe))
     assert not lora_layers(merged.unet) and not lora_layers(merged.text_encoder)
     got = outputs(merged.unet, merged.text_encoder, x)
@@ -353,7 +353,7 @@ def test_merge_equals_unmerged_and_saves_a_plain_pipeline(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def test_adapter_from_another_base_model_names_the_first_mismatching_module(trained, tmp_path):
-    root, pipe, _, _ = trained
+    _root, pipe, _, _ = trained
     save_diffusers_lora(pipe, tmp_path)
     other = tiny_pipeline(tmp_path / "tok", cross_attention_dim=16)  # a different text width
     # first adapted module, in model order, whose shape differs (computed here from the models)
@@ -412,14 +412,16 @@ def fake_run(run: Path, pipe: StableDiffusionPipeline, base: Path) -> Path:
     trainer's own writers, for the base pipeline folder ``base``."""
     from selora.checkpoint import adapter_tensors, write_checkpoint
     from selora.config import load_config
-    from selora.train import DiffusionModel
+    from selora.methods import Adapters
+    from selora.pipeline import DiffusionModel
 
     run.mkdir(parents=True)
     cfg = load_config(base={"model": str(base), "lora_scale": SCALE, "unet_targets": "all-linear",
                             "text_encoder_targets": "all-linear"})
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     model = DiffusionModel(pipe.unet, pipe.text_encoder)
-    write_checkpoint(run / "best", adapter_tensors(model), selora.ranks(model), state={"eval_loss": 0.0})
+    tensors = adapter_tensors(Adapters(model, lora_layers(model)))
+    write_checkpoint(run / "best", tensors, selora.ranks(model), state={"eval_loss": 0.0})
     return run
 
 

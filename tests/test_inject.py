@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
-from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
 import selora
 
@@ -129,3 +129,20 @@ def test_second_injection_skips_adapted_layers():
         id(p) for m in (model[0], model[2]) for p in (m.lora_A, m.lora_B)}
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         selora.inject(model, "all-linear")
+
+
+def test_replace_modules_every_name_skips_none_and_counts_slots():
+    from selora.inject import replace_modules
+
+    shared, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    inner = nn.Sequential(shared, nn.ReLU())
+    model = nn.Sequential(inner, other)
+    inner.alias = shared  # the same module under a second name (named_children() lists it once)
+    model.register_module("empty", None)  # a None child is skipped, not an error
+    assert "alias" not in dict(inner.named_children())
+    new, fresh = nn.Identity(), nn.Tanh()
+    assert replace_modules(model, {id(shared): new, id(fresh): nn.ReLU()}) == 2
+    assert model[0][0] is new and inner.alias is new and model[1] is other and model.empty is None
+    assert replace_modules(model, {}) == 0 and replace_modules(model, {id(model): nn.ReLU()}) == 0
+    wrapper = nn.Sequential(other)  # a replacement may contain the module it replaces
+    assert replace_modules(model, {id(other): wrapper}) == 1 and model[1] is wrapper and wrapper[0] is other

@@ -1,4 +1,4 @@
-"""Fréchet distance against scipy and closed forms; the paper-profile FID/CLIP paths with stand-in weights."""
+"""selora.frechet against scipy and closed forms; the paper-profile FID/CLIP paths with stand-in weights."""
 import numpy as np
 import pytest
 import scipy.linalg
@@ -7,7 +7,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from selora import metrics
-from selora.metrics import frechet_distance, frechet_distance_features, gaussian_stats
+from selora.frechet import frechet_distance, frechet_distance_features, gaussian_stats
 from selora.tokenizer import load_clip_tokenizer
 
 
@@ -59,7 +59,9 @@ def test_closed_forms():
     want = float(((a.sqrt() - b.sqrt()) ** 2).sum())
     assert frechet_distance(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(want, rel=1e-10)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    one = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
+    def one(v: float) -> torch.Tensor:
+        return torch.tensor([[v]], dtype=torch.float64)
+
     assert frechet_distance(torch.tensor([1.0]), one(4.0), torch.tensor([-2.0]), one(1.0)) == pytest.approx(9 + 1)
 
 
@@ -141,10 +143,10 @@ def tiny_clip():
     """A random CLIP built from a config (no download) with SD v1.5's tokenizer and CLIP's image processor."""
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=224, patch_size=32, projection_dim=16),
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 224, "patch_size": 32, "projection_dim": 16},
         projection_dim=16,
     )
     model = CLIPModel(cfg).eval()
@@ -181,7 +183,8 @@ def test_clip_score_truncates_long_prompts_like_training(tiny_clip):
     assert ids == tok(long, truncation=True, max_length=77)["input_ids"], "truncation must match training's"
     assert metrics.truncate_prompts(["male, 33 years: normal"], tok) == ["male, 33 years: normal"]
     image = torch.zeros(1, 1, 32, 32)
-    assert metrics.clip_score(image, [long], tiny_clip) == pytest.approx(metrics.clip_score(image, [cut], tiny_clip), abs=1e-5)
+    want = metrics.clip_score(image, [cut], tiny_clip)
+    assert metrics.clip_score(image, [long], tiny_clip) == pytest.approx(want, abs=1e-5)
 
 
 def test_clip_score_bad_input(tiny_clip):

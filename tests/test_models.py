@@ -13,9 +13,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.models.attention import GEGLU
 
 import selora.models
-from selora.models import MINI_SD_DIR, load_pipeline, resolution
+from selora.config import load_config
+from selora.models import MINI_SD_DIR, load_pipeline
 from selora.tokenizer import clip_vocab_and_merges
 
+OFFLINE_RESOLUTION = load_config("montgomery-offline").resolution  # what the mini SD is trained and sampled at
 BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_mini_sd.py"
 
 
@@ -65,7 +67,7 @@ def test_folder_is_a_small_diffusers_pipeline():
 def test_stock_load_is_float32_and_draws_at_offline_resolution(pipe):
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     (img,) = draw(pipe, ["a large red circle in the center"], steps=4)
-    assert img.shape == (resolution("offline"), resolution("offline"), 3)
+    assert img.shape == (OFFLINE_RESOLUTION, OFFLINE_RESOLUTION, 3)
     assert np.isfinite(img).all() and img.std() > 0.01
 
 
@@ -94,7 +96,7 @@ def test_tokenizer_and_text_encoder_agree(pipe):
     assert tok.model_max_length == te.max_position_embeddings == 77
     assert (te.bos_token_id, te.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
     assert pipe.unet.config.cross_attention_dim == te.hidden_size
-    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == resolution("offline")
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == OFFLINE_RESOLUTION
 
 
 def test_unet_has_sd15_module_types(pipe):
@@ -111,24 +113,23 @@ def test_unet_has_sd15_module_types(pipe):
 
 def test_load_pipeline_offline_is_the_shipped_model_without_network(pipe, monkeypatch):
     block_network(monkeypatch)
-    loaded = load_pipeline("offline", device="cpu")
+    loaded = load_pipeline("mini-sd", device="cpu")
     assert loaded.safety_checker is None
     ours, stock = loaded.unet.state_dict(), pipe.unet.state_dict()
     assert all(torch.equal(ours[k], stock[k]) for k in stock)
 
 
-def test_resolution_and_bad_profile():
-    assert resolution("paper") == 224 and resolution("offline") == 64
-    with pytest.raises(ValueError, match="profile 'gpu': expected one of"):
-        resolution("gpu")
-    with pytest.raises(ValueError, match="profile 'gpu': expected one of"):
-        load_pipeline("gpu")
+def test_profile_name_and_bad_folder_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a profile name; the profile's model is 'mini-sd'"):
+        load_pipeline("offline")
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        load_pipeline(str(tmp_path))
 
 
 def test_missing_offline_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(selora.models, "MINI_SD_DIR", tmp_path / "mini-sd")
-    with pytest.raises(FileNotFoundError, match=r"mini-sd: the offline model folder is missing model_index\.json"):
-        load_pipeline("offline")
+    with pytest.raises(FileNotFoundError, match=r"mini-sd: not a diffusers pipeline folder .*build_mini_sd"):
+        load_pipeline("mini-sd")
 
 
 def _build_script():

@@ -8,6 +8,7 @@ real held-out images. Numbers are printed (run with -s) and labelled "proxy".
 """
 import importlib.util
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selora import metrics
+from selora import metrics, proxies
 from selora.data import montgomery_root
 from selora.data.montgomery import MontgomeryDataset, scan, split_indices
+from selora.frechet import frechet_distance_features
 
 REPO = Path(__file__).resolve().parents[1]
 BLUR_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.5, 4.0)  # pixels at 64 px
@@ -25,7 +27,7 @@ NOISE_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.4)  # in [-1, 1] units
 
 
 def split_tensors(split: str) -> tuple[torch.Tensor, list[str]]:
-    ds = MontgomeryDataset(montgomery_root("offline"), split=split, size=metrics.PROXY_SIZE, seed=0)
+    ds = MontgomeryDataset(montgomery_root("offline"), split=split, size=proxies.PROXY_SIZE, seed=0)
     return torch.stack([ds[i]["image"] for i in range(len(ds))]).float(), [c.prompt for c in ds.cases]
 
 
@@ -66,7 +68,7 @@ def base_model_samples(prompts: list[str]) -> torch.Tensor:
     """Samples of the shipped offline base model (mini SD, no fine-tuning) for the test prompts, gray."""
     from selora.models import load_pipeline
 
-    pipe = load_pipeline("offline", device="cpu")
+    pipe = load_pipeline("mini-sd", device="cpu")
     g = torch.Generator().manual_seed(0)
     out = pipe(prompts, num_inference_steps=10, generator=g, output_type="pt", height=64, width=64).images
     return out.mean(1, keepdim=True) * 2 - 1
@@ -76,45 +78,47 @@ def test_shipped_proxies_were_trained_on_the_train_split_only():
     cases = scan(montgomery_root("offline"))
     split = split_indices(cases, seed=0)
     test_ids = {cases[i].case_id for i in split["test"]}
-    for kind in metrics.PROXIES:
-        path = metrics.PROXY_DIR / f"{kind}.safetensors"
+    for kind in proxies.PROXIES:
+        path = proxies.PROXY_DIR / f"{kind}.safetensors"
         assert path.stat().st_size <= 2_000_000, f"{path.name} must stay small (<= 2 MB)"
-        prov = metrics.load_proxy(kind).provenance
+        prov = proxies.load_proxy(kind).provenance
         assert prov["split"] == "train" and prov["cases"], kind
         assert not set(prov["cases"]) & test_ids, f"{kind} proxy saw held-out test images"
         assert set(prov["cases"]) == {cases[i].case_id for i in split["train"]}
 
 
-@pytest.mark.parametrize("name,degrade,levels", [("blur", gaussian_blur, BLUR_SIGMAS), ("noise", add_noise, NOISE_SIGMAS)])
+@pytest.mark.parametrize("name,degrade,levels",
+                         [("blur", gaussian_blur, BLUR_SIGMAS), ("noise", add_noise, NOISE_SIGMAS)])
 def test_frechet_proxy_grows_monotonically_with_degradation(data, name, degrade, levels):
     """Clean test images vs the same images degraded more and more; the train-vs-test distance is
     the sampling floor of two different sets of real images."""
-    ref = metrics.proxy_features(data["test"])
-    fd = [metrics.frechet_distance_features(ref, metrics.proxy_features(degrade(data["test"], s))) for s in levels]
-    floor = metrics.fid_proxy(data["train"], data["test"])
+    ref = proxies.proxy_features(data["test"])
+    fd = [frechet_distance_features(ref, proxies.proxy_features(degrade(data["test"], s))) for s in levels]
+    floor = proxies.fid_proxy(data["train"], data["test"])
     print(f"\nFréchet distance (offline proxy), test vs test + {name} {levels}: " + ", ".join(f"{v:.2f}" for v in fd)
           + f"; real train vs real test: {floor:.2f}")
-    assert all(b > a for a, b in zip(fd, fd[1:])), f"proxy FD must grow with {name} strength: {fd}"
+    assert all(b > a for a, b in pairwise(fd)), f"proxy FD must grow with {name} strength: {fd}"
     assert fd[-1] > 2 * floor, f"strong {name} ({fd[-1]:.1f}) must stand well above real-vs-real ({floor:.1f})"
 
 
 @pytest.fixture(scope="module")
 def unlike(data):
     n = len(data["prompts"])
-    return {"pretraining domain": pretraining_domain_images(n), "base model samples": base_model_samples(data["prompts"])}
+    return {"pretraining domain": pretraining_domain_images(n),
+            "base model samples": base_model_samples(data["prompts"])}
 
 
 def test_frechet_proxy_separates_non_cxr_images_from_held_out_real(data, unlike):
-    real = metrics.fid_proxy(data["train"], data["test"])
+    real = proxies.fid_proxy(data["train"], data["test"])
     for what, images in unlike.items():
-        other = metrics.fid_proxy(data["train"], images)
+        other = proxies.fid_proxy(data["train"], images)
         print(f"\nFréchet distance (offline proxy) to the train split: held-out real {real:.1f}, {what} {other:.1f}")
         assert other > 3 * real, f"{what} must be far from real CXRs ({other:.1f}) vs held-out real ({real:.1f})"
 
 
 @torch.no_grad()
 def test_alignment_proxy_ranks_matched_pairs_above_shuffled(data):
-    model = metrics.load_proxy("alignment")
+    model = proxies.load_proxy("alignment")
     sim = 100 * model.embed_images(data["test"]) @ model.embed_texts(data["prompts"]).T  # (N images, N prompts)
     n = sim.shape[0]
     matched = sim.diag()
@@ -132,7 +136,7 @@ def test_alignment_proxy_ranks_matched_pairs_above_shuffled(data):
 @torch.no_grad()
 def test_alignment_proxy_reads_findings_not_just_demographics(data):
     """Abnormal test images: their prompt beats the same prompt with the findings replaced by "normal"."""
-    model = metrics.load_proxy("alignment")
+    model = proxies.load_proxy("alignment")
     idx = [i for i, p in enumerate(data["prompts"]) if not p.endswith(": normal")]
     prompts = [data["prompts"][i] for i in idx]
     normal = [p.split(":")[0] + ": normal" for p in prompts]
@@ -144,9 +148,9 @@ def test_alignment_proxy_reads_findings_not_just_demographics(data):
 
 
 def test_alignment_proxy_separates_non_cxr_images_from_held_out_real(data, unlike):
-    real = metrics.alignment_proxy(data["test"], data["prompts"])
+    real = proxies.alignment_proxy(data["test"], data["prompts"])
     for what, images in unlike.items():
-        other = metrics.alignment_proxy(images, data["prompts"])
+        other = proxies.alignment_proxy(images, data["prompts"])
         print(f"\nalignment (offline proxy) with the test prompts: held-out real {real:.1f}, {what} {other:.1f}")
         assert other < real - 10, f"{what} ({other:.1f}) must align worse than real images ({real:.1f})"
 
@@ -154,8 +158,8 @@ def test_alignment_proxy_separates_non_cxr_images_from_held_out_real(data, unlik
 def test_evaluate_offline_uses_the_proxies(data):
     out = metrics.evaluate(data["test"], data["prompts"], data["train"], profile="offline")
     assert set(out) == {"fid_proxy", "alignment_proxy"}
-    assert out["fid_proxy"] == pytest.approx(metrics.fid_proxy(data["train"], data["test"]))
-    assert out["alignment_proxy"] == pytest.approx(metrics.alignment_proxy(data["test"], data["prompts"]))
+    assert out["fid_proxy"] == pytest.approx(proxies.fid_proxy(data["train"], data["test"]))
+    assert out["alignment_proxy"] == pytest.approx(proxies.alignment_proxy(data["test"], data["prompts"]))
 
 
 def test_train_script_smoke_run_writes_loadable_proxies(tmp_path):
@@ -163,10 +167,10 @@ def test_train_script_smoke_run_writes_loadable_proxies(tmp_path):
     mod = importlib.util.module_from_spec(script)
     script.loader.exec_module(mod)
     assert mod.main(["--steps", "2", "--out", str(tmp_path)]) == 0
-    for kind in metrics.PROXIES:
-        model = metrics.load_proxy(kind, tmp_path / f"{kind}.safetensors")
+    for kind in proxies.PROXIES:
+        model = proxies.load_proxy(kind, tmp_path / f"{kind}.safetensors")
         assert model.provenance["steps"] == 2 and model.provenance["split"] == "train"
-        shipped = metrics.load_proxy(kind)
+        shipped = proxies.load_proxy(kind)
         assert json.dumps(model.config) == json.dumps(shipped.config)
     assert mod.main(["--steps", "0", "--out", str(tmp_path)]) == 2
     assert mod.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
@@ -174,12 +178,12 @@ def test_train_script_smoke_run_writes_loadable_proxies(tmp_path):
 
 def test_load_proxy_errors(tmp_path):
     with pytest.raises(ValueError, match="kind: expected one of frechet, alignment"):
-        metrics.load_proxy("inception")
+        proxies.load_proxy("inception")
     with pytest.raises(FileNotFoundError, match="train them with"):
-        metrics.load_proxy("frechet", tmp_path / "missing.safetensors")
-    metrics.save_proxy(metrics.FrechetProxy(), tmp_path / "f.safetensors", {"split": "train"})
+        proxies.load_proxy("frechet", tmp_path / "missing.safetensors")
+    proxies.save_proxy(proxies.FrechetProxy(), tmp_path / "f.safetensors", {"split": "train"})
     with pytest.raises(ValueError, match="expected a 'alignment' proxy, the file says kind='frechet'"):
-        metrics.load_proxy("alignment", tmp_path / "f.safetensors")
+        proxies.load_proxy("alignment", tmp_path / "f.safetensors")
 
 
 def test_trainer_metrics_take_pil_images(data):
@@ -191,16 +195,16 @@ def test_trainer_metrics_take_pil_images(data):
     back = metrics.images_from_pil(pil)
     assert back.shape == data["test"].shape and (back - data["test"]).abs().max() < 1 / 255 + 1e-6
     assert fns["fid_proxy"](pil, data["prompts"], data["train"]) == pytest.approx(
-        metrics.fid_proxy(data["train"], back))
+        proxies.fid_proxy(data["train"], back))
     assert fns["alignment_proxy"](pil, data["prompts"], data["train"]) == pytest.approx(
-        metrics.alignment_proxy(back, data["prompts"]))
+        proxies.alignment_proxy(back, data["prompts"]))
 
 
 def test_fingerprint_identifies_the_weights(tmp_path):
-    model = metrics.FrechetProxy()
-    a = metrics.load_proxy("frechet", metrics.save_proxy(model, tmp_path / "a.safetensors", {"seed": 0}))
-    b = metrics.load_proxy("frechet", metrics.save_proxy(model, tmp_path / "b.safetensors", {"seed": 0}))
+    model = proxies.FrechetProxy()
+    a = proxies.load_proxy("frechet", proxies.save_proxy(model, tmp_path / "a.safetensors", {"seed": 0}))
+    b = proxies.load_proxy("frechet", proxies.save_proxy(model, tmp_path / "b.safetensors", {"seed": 0}))
     with torch.no_grad():
         model.head.bias += 1
-    c = metrics.load_proxy("frechet", metrics.save_proxy(model, tmp_path / "c.safetensors", {"seed": 0}))
+    c = proxies.load_proxy("frechet", proxies.save_proxy(model, tmp_path / "c.safetensors", {"seed": 0}))
     assert a.fingerprint == b.fingerprint != c.fingerprint

@@ -10,7 +10,9 @@ from PIL import Image
 
 from selora.config import load_config
 from selora.sample import generate, main, read_prompts
-from selora.train import Trainer, load_base_pipeline, load_run
+from selora.models import load_pipeline
+from selora.rundir import load_run
+from selora.trainer import Trainer
 from test_train import _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
 PROMPTS = ["male, 40 years: normal", "female, 63 years: right upper lobe cavity", "female, 35 years: left pleural effusion"]
@@ -60,7 +62,7 @@ def test_images_do_not_depend_on_the_batch_size(run, tmp_path):
 
 
 def load_run_prompts(cfg):
-    from selora.train import split_prompts
+    from selora.data import split_prompts
 
     return split_prompts(cfg, "test")
 
@@ -69,7 +71,7 @@ def test_merged_equals_unmerged_and_adapters_change_the_output(run):
     _, unmerged = load_run(run, adapters="last")
     _, merged = load_run(run, adapters="last", merged=True)
     cfg = load_config(run / "config.yaml")
-    base = load_base_pipeline(cfg.model, torch.float32, torch.device("cpu"))
+    base = load_pipeline(cfg.model, torch.float32, torch.device("cpu"))
     assert not any("lora" in n for n, _ in merged.unet.named_parameters())
     kw = dict(resolution=16, steps=3, guidance=7.5, seed=0, batch=3, progress=False)
     u, m, b = (np.stack([np.asarray(i, dtype=np.int16) for i in generate(p, PROMPTS, **kw)])

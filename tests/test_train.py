@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from selora.config import load_config
 from selora.data.montgomery import scan, split_indices
 from selora.data.phantom import make_phantom_set
-from selora.train import EVAL_METRICS, Trainer, main, read_records
+from selora.rundir import read_records
+from selora.train import main
+from selora.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # image side; the tiny VAE makes 8 x 8 latents
@@ -103,8 +105,7 @@ def test_run_directory_contents_and_rank_growth(assets, tmp_path, monkeypatch):
         seen.append((len(images), list(prompts), tuple(real.shape), value))
         return value
 
-    monkeypatch.setitem(EVAL_METRICS, "mean_gray", mean_gray)
-    summary = Trainer(tiny_config(assets), run, progress=False).run()
+    summary = Trainer(tiny_config(assets), run, progress=False, metrics={"mean_gray": mean_gray}).run()
     assert summary["status"] == "finished"
     records = read_records(run)
     train, evals, history = records["train"], records["eval"], records["ranks"]
@@ -251,17 +252,17 @@ def adapter_numel(run: Path, name: str) -> int:
 
 
 def test_dylora_draws_one_truncation_per_step_and_evaluates_at_full_rank(assets, tmp_path, monkeypatch):
-    import selora.baselines as baselines
-    from selora.baselines.dylora import dylora_layers
+    import selora.methods.dylora as dylora
+    from selora.methods.dylora import dylora_layers
 
-    drawn, real_draw = [], baselines.sample_truncation
+    drawn, real_draw = [], dylora.sample_truncation
 
     def observed(model, generator=None):  # the real draw, recorded
         b = real_draw(model, generator)
         drawn.append(b)
         return b
 
-    monkeypatch.setattr(baselines, "sample_truncation", observed)
+    monkeypatch.setattr(dylora, "sample_truncation", observed)
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(assets, method="dylora", epochs=1, num_samples=0), run, progress=False)
     summary = trainer.run()
@@ -275,7 +276,7 @@ def test_dylora_draws_one_truncation_per_step_and_evaluates_at_full_rank(assets,
 
 
 def test_adalora_adds_its_regulariser_and_prunes_to_the_target_budget(assets, tmp_path):
-    from selora.baselines import orthogonal_regulariser
+    from selora.methods import orthogonal_regulariser
 
     run, cfg = tmp_path / "run", tiny_config(assets, method="adalora", epochs=1, num_samples=0)
     initial = 0.5 * orthogonal_regulariser(Trainer(cfg, tmp_path / "fresh", progress=False).model).item()
@@ -315,15 +316,15 @@ def test_baseline_resume_is_bitwise_identical(assets, tmp_path, method, stop, to
     sa, sb = (load_file(str(r / "checkpoints" / "last" / "state.safetensors")) for r in (full, split))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     if method == "adalora":
-        assert any(k.startswith("adalora.exp_avg_ipt.") for k in sa)
+        assert any(k.startswith("method.allocator.exp_avg_ipt.") for k in sa)
         assert len(read_records(full)["ranks"]) > 1, "no pruning in the compared stretch"
         state = json.loads((split / "checkpoints" / "last" / "state.json").read_text())
-        assert state["adalora"]["rank_pattern"], "rank pattern not checkpointed"
+        assert state["method"]["rank_pattern"], "rank pattern not checkpointed"
 
 
 def check_adalora_loads_back_unmerged_and_merged(run: Path) -> None:
     """A finished AdaLoRA run loads into a fresh pipeline, and merging it changes no output."""
-    from selora.train import load_run
+    from selora.rundir import load_run
 
     outputs = []
     for merged in (False, True):
@@ -344,4 +345,4 @@ def test_adalora_target_rank_above_its_initial_rank_is_rejected(assets, tmp_path
     sets = [a for item in tiny_overrides(assets, method="adalora", lora_rank=8) for a in ("--set", item)]
     assert main(["--config", "montgomery-offline", "--out", str(tmp_path / "run"), *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lora_rank=8: AdaLoRA prunes from rank 6" in err[0], err
+    assert len(err) == 1 and "key 'lora_rank': AdaLoRA prunes from rank 6" in err[0], err

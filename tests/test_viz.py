@@ -2,11 +2,11 @@
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.colors as mcolors  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.colors as mcolors
+import matplotlib.pyplot as plt
+import pytest
 
-from selora import viz  # noqa: E402
+from selora import viz
 
 
 def test_method_colours_are_valid_and_distinct():
@@ -118,3 +118,17 @@ def test_method_bars_one_coloured_bar_per_method_with_reference_lines():
     with pytest.raises(ValueError, match="at least one method"):
         viz.method_bars(ax, {})
     plt.close(fig)
+
+
+def test_gray_array_takes_model_images_and_gray_scans():
+    import numpy as np
+    import torch
+
+    img = torch.tensor([[[-1.0, 0.0], [1.0, 3.0]], [[1.0, 0.0], [1.0, -3.0]]])  # (2, 2, 2): channels averaged
+    out = viz.gray_array(img)
+    assert out.dtype == np.float32 and out.tolist() == [[0.5, 0.5], [1.0, 0.5]]
+    assert viz.gray_array(img[:1]).tolist() == [[0.0, 0.5], [1.0, 1.0]]  # (x + 1) / 2, clipped to [0, 1]
+    scan = np.array([[0.25, 1.5], [-0.5, 1.0]])  # (H, W) in [0, 1]: kept, clipped
+    assert viz.gray_array(scan).dtype == np.float64 and viz.gray_array(scan).tolist() == [[0.25, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match=r"got shape \(2, 2, 2, 2\)"):
+        viz.gray_array(np.zeros((2, 2, 2, 2)))

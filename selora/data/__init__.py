@@ -7,8 +7,14 @@ profile it downloads the real set there (NLM's terms: never redistribute or comm
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selora.data.errors import DataError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from selora.config import TrainConfig
 
 # Re-exports load lazily (PEP 562) so ``python -m selora.data.phantom`` / ``.montgomery`` run cleanly.
 _EXPORTS = {
@@ -59,6 +65,27 @@ def montgomery_root(profile: str | None = None, phantom_size: tuple[int, int] | 
     raise DataError(f"profile={name!r}: expected 'offline' or 'paper'")
 
 
+def open_dataset(cfg: TrainConfig, split: str) -> Dataset:
+    """The map-style data set of ``split`` of ``cfg.dataset`` (items: ``"image"`` ``(1, R, R)`` in
+    [-1, 1] at ``cfg.resolution``, ``"prompt"``); the Montgomery root is made or downloaded on first use."""
+    if cfg.dataset == "iuxray":
+        from selora.data.iuxray import IUXrayDataset
+
+        return IUXrayDataset(cfg.data_root, split, size=cfg.resolution, seed=cfg.split_seed)
+    from selora.data.montgomery import MontgomeryDataset
+
+    root = cfg.data_root
+    if root is None:
+        root = montgomery_root("offline" if cfg.dataset == "montgomery-phantom" else "paper")
+    return MontgomeryDataset(root, split, size=cfg.resolution, seed=cfg.split_seed)
+
+
+def split_prompts(cfg: TrainConfig, split: str) -> list[str]:
+    """The prompts of ``split`` of the run's data set, in data-set order."""
+    ds = open_dataset(cfg, split)
+    return [ds[i]["prompt"] for i in range(len(ds))]
+
+
 __all__ = [
     "PROMPT_FORMAT",
     "Case",
@@ -69,9 +96,11 @@ __all__ = [
     "make_phantom_set",
     "make_prompt",
     "montgomery_root",
+    "open_dataset",
     "parse_readings",
     "scan",
     "scan_iuxray",
     "split_indices",
+    "split_prompts",
     "summarise",
 ]

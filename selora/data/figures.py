@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,11 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-
-def _gray(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(1, S, S) in [-1, 1] or (H, W) in [0, 1] -> (H, W) in [0, 1] for imshow."""
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    return (arr[0] + 1) / 2 if arr.ndim == 3 else arr
+from selora.viz import gray_array
 
 
 def case_grid(images: Sequence, prompts: Sequence[str], ncols: int, title: str, width: int = 30) -> Figure:
@@ -24,7 +20,7 @@ def case_grid(images: Sequence, prompts: Sequence[str], ncols: int, title: str, 
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, prompt in zip(axes.flat, images, prompts):
-        ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(gray_array(image), cmap="gray", vmin=0, vmax=1)
         ax.set_title("\n".join(textwrap.wrap(prompt, width)[:4]), fontsize=7, y=-0.02, va="top")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -40,7 +36,7 @@ def crop_figure(raw: np.ndarray, model_input: torch.Tensor, title: str) -> Figur
     a.add_patch(Rectangle(((w - side) / 2, (h - side) / 2), side, side, fill=False, ec="#D55E00", lw=2))
     a.set_title(f"decoded {w}x{h} px, window = shortest side", fontsize=8)
     size = model_input.shape[-1]
-    b.imshow(_gray(model_input), cmap="gray", vmin=0, vmax=1)
+    b.imshow(gray_array(model_input), cmap="gray", vmin=0, vmax=1)
     b.set_title(f"model input {size}x{size}, values in [-1, 1]", fontsize=8)
     for ax in (a, b):
         ax.axis("off")

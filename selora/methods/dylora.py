@@ -11,11 +11,15 @@ at b = r a DyLoRA layer computes exactly what a :class:`~selora.layers.LoRALinea
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selora.inject import replace_modules
 from selora.layers import LoRALinear, RowInit
+from selora.methods.base import Adapters, Targets, inject_parts
 
 
 class DyLoRALinear(LoRALinear):
@@ -93,8 +97,31 @@ def to_dylora(layers: dict[str, LoRALinear], model: nn.Module) -> dict[str, DyLo
             new = DyLoRALinear(layer.base, rank=layer.rank, scale=layer.scaling, init=layer.init)
             new.lora_A, new.lora_B = layer.lora_A, layer.lora_B
             swapped[id(layer)] = new
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in swapped:
-                setattr(parent, child_name, swapped[id(child)])
+    replace_modules(model, swapped)
     return {name: swapped[id(layer)] for name, layer in layers.items()}
+
+
+class DyLoRAAdapters(Adapters):
+    """DyLoRA r = ``lora_rank``: one truncation b per training step, evaluated at the full rank."""
+
+    name: ClassVar[str] = "dylora"
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], generator: torch.Generator | None) -> None:
+        super().__init__(model, layers)
+        self.generator = generator
+
+    @classmethod
+    def build(cls, model: nn.Module, targets: Targets, *, rank: int | None = None, scale: float = 1.0,
+              total_steps: int | None = None, generator: torch.Generator | None = None) -> DyLoRAAdapters:
+        """LoRA adapters turned into :class:`DyLoRALinear`; ``generator`` then draws the truncations."""
+        layers = inject_parts(model, targets, "lora", rank or cls.default_rank, scale, generator)
+        return cls(model, to_dylora(layers, model), generator)
+
+    def before_forward(self, step: int) -> None:
+        sample_truncation(self.model, self.generator)
+
+    def eval(self) -> None:
+        set_truncation(self.model, None)
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"truncation": self.generator} if self.generator is not None else {}

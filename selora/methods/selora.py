@@ -1,0 +1,69 @@
+"""SeLoRA as a method: rank-1 :class:`~selora.layers.SeLoRALinear` adapters grown by ONE
+:class:`~selora.expansion.ExpansionController` over the whole model (one step count, one K
+generator, one all-reduce of the Fisher statistics across processes), so the per-sample Fisher of
+Eq. 3-5 comes from the training step's own backward."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from selora.expansion import ExpansionController
+from selora.layers import SeLoRALinear
+from selora.methods.base import Adapters, RankChange, Reduce, Targets
+
+if TYPE_CHECKING:
+    from selora.config import TrainConfig
+
+
+class SeLoRAAdapters(Adapters):
+    """SeLoRA (Algorithm 1): rank ``start_rank``, an expansion test every ``interval`` steps."""
+
+    name: ClassVar[str] = "selora"
+    kind: ClassVar[str] = "selora"
+    rank_field: ClassVar[str] = "start_rank"
+    default_rank: ClassVar[int] = 1
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], threshold: float = 1.1, interval: int = 40,
+                 max_rank: int | None = None, seed: int = 0) -> None:
+        super().__init__(model, layers)
+        self.threshold, self.interval, self.max_rank, self.seed = threshold, interval, max_rank, seed
+        self.controller: ExpansionController | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int,
+                    generator: torch.Generator) -> SeLoRAAdapters:
+        adapters = cls.build(model, targets, rank=cfg.start_rank, scale=cfg.lora_scale, generator=generator)
+        adapters.threshold, adapters.interval = cfg.threshold, cfg.interval
+        adapters.max_rank, adapters.seed = cfg.max_rank, cfg.seed
+        return adapters
+
+    def attach(self, optimizer: torch.optim.Optimizer, reduce: Reduce | None = None) -> None:
+        """The controller over every SeLoRA layer; its K generator is seeded ``seed + 1``."""
+        self.controller = ExpansionController(
+            self.model, optimizer, threshold=self.threshold, interval=self.interval, max_rank=self.max_rank,
+            generator=torch.Generator().manual_seed(self.seed + 1), reduce=reduce)
+
+    def after_step(self, step: int) -> RankChange | None:
+        """The controller's step: on a test step, the ranks, the layers that grew and every ratio."""
+        decisions = self.controller.step()
+        if not decisions:
+            return None
+        grown = [d.name for d in decisions if d.expanded]
+        record = {"ranks": self.ranks(), "expanded": grown, "ratios": {d.name: d.ratio for d in decisions}}
+        return RankChange(record, new_parameters=bool(grown))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+
+    def prepare_load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Grow every layer below its saved rank (zero rows; the copy overwrites them)."""
+        for name, layer in self.layers.items():
+            key = f"{name}.lora_A"
+            rank = tensors[key].shape[0] if key in tensors else 0
+            if isinstance(layer, SeLoRALinear) and rank > layer.rank:
+                layer.expand(rank - layer.rank, K=layer.lora_A.new_zeros(rank - layer.rank, layer.in_features))

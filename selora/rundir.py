@@ -1,0 +1,92 @@
+"""A training run's folder: its layout, its records, and loading a finished run for sampling.
+
+    config.yaml            the resolved config          metrics.jsonl      train/eval records
+    rank_history.jsonl     step -> rank per layer       samples/           grids per evaluation
+    checkpoints/last/      resumable state              best/              best adapters (eval loss)
+    adapters.safetensors   final adapters               ranks.json         final layer -> rank
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from selora.checkpoint import load_adapter_tensors, read_adapters
+from selora.config import TrainConfig, load_config
+from selora.distributed import default_device
+from selora.io import atomic_write_text
+from selora.models import load_pipeline
+from selora.pipeline import add_adapters
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+RANK_HISTORY = "rank_history.jsonl"
+FINAL_ADAPTERS = "adapters.safetensors"
+FINAL_RANKS = "ranks.json"
+LAST = "checkpoints/last"
+BEST = "best"
+SAMPLES = "samples"
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line to ``path``."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+
+
+def truncate_lines(path: Path, n: int) -> None:
+    """Keep the first ``n`` lines of ``path`` (records written after a checkpoint are dropped)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+    atomic_write_text(path, "".join(lines[:n]))
+
+
+def read_records(run_dir: Path | str) -> dict[str, list[dict]]:
+    """A run's records: ``{"train": [...], "eval": [...], "ranks": [...]}`` from metrics.jsonl and
+    rank_history.jsonl (train: step, batch, epoch, loss, lr, total_rank; skipped batches have
+    ``loss`` None; ranks: step, ranks per layer, expanded, ratios)."""
+    run_dir = Path(run_dir)
+    metrics = [json.loads(x) for x in (run_dir / METRICS).read_text(encoding="utf-8").splitlines()]
+    history = [json.loads(x) for x in (run_dir / RANK_HISTORY).read_text(encoding="utf-8").splitlines()]
+    return {"train": [r for r in metrics if r["kind"] == "train"], "eval": [r for r in metrics if r["kind"] == "eval"],
+            "ranks": history}
+
+
+def run_config(run_dir: Path | str) -> TrainConfig:
+    """The resolved config a run directory was trained with."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {CONFIG})")
+    return load_config(path)
+
+
+def adapters_path(run_dir: Path | str, adapters: str = "best") -> Path:
+    """The adapter file of ``best`` (falls back to ``last``) or ``last`` (the final adapters of a
+    finished run, else the latest checkpoint's)."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / BEST / FINAL_ADAPTERS] if adapters == "best" else []
+    candidates += [run_dir / FINAL_ADAPTERS, run_dir / LAST / FINAL_ADAPTERS]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no adapters (best/, adapters.safetensors or checkpoints/last/)")
+    return path
+
+
+def load_run(run_dir: Path | str, adapters: str = "best", merged: bool = False, device: torch.device | None = None):
+    """``(config, pipeline with the run's adapters)``; ``adapters`` = ``best`` or ``last`` (:func:`adapters_path`).
+
+    ``merged=True`` folds W0 + s B A into plain Linears.
+    """
+    cfg = run_config(run_dir)
+    path = adapters_path(run_dir, adapters)
+    pipe = load_pipeline(cfg.model, torch.float32, device or default_device())
+    model = add_adapters(pipe, cfg, total_steps=1)  # a schedule over steps is unused when only loading
+    load_adapter_tensors(model.adapters, read_adapters(path), where=str(path))
+    if merged:
+        model.adapters.merge()
+    model.requires_grad_(False)
+    return cfg, pipe

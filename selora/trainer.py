@@ -1,0 +1,329 @@
+"""The training loop: latent-diffusion fine-tuning of a Stable Diffusion pipeline with adapters.
+
+One step (paper Sec. 4, :mod:`selora.diffusion`): a sample of the cached VAE posterior z0, DDPM
+noise ``z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps``, loss = MSE(eps_theta(z_t, t, c), eps) with
+the prompt c through the text encoder. The method (:mod:`selora.methods`) is reached only through
+its :class:`~selora.methods.Adapters` hooks, so SeLoRA and the baselines share this loop; the run
+folder is described in :mod:`selora.rundir`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from selora import rundir
+from selora.checkpoint import (
+    adapter_tensors,
+    find_checkpoint,
+    join_tensors,
+    load_adapter_tensors,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_checkpoint,
+    rng_states,
+    set_rng_states,
+    split_tensors,
+    write_checkpoint,
+    write_json,
+)
+from selora.config import ConfigError, TrainConfig
+from selora.data import open_dataset
+from selora.diffusion import encode_split, noise_prediction_loss, noise_scheduler, tokenize, training_batch
+from selora.distributed import Dist, init_distributed
+from selora.evaluation import Evaluator
+from selora.io import atomic_save_safetensors
+from selora.models import load_pipeline
+from selora.params import count_parameters
+from selora.pipeline import add_adapters
+from selora.profile import seed_everything
+
+AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then constant or cosine to 0."""
+    warm, cosine = cfg.warmup_steps, cfg.lr_scheduler == "cosine"
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimizer ``step``s taken, ``epoch``, ``batch`` within it, batches drawn in
+    total (``attempt``, skipped ones included) and non-finite steps in a row (``bad``)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    attempt: int = 0
+    bad: int = 0
+
+
+class Trainer:
+    """Fine-tune ``cfg.model`` on ``cfg.dataset`` into ``run_dir`` (:mod:`selora.rundir`); call :meth:`run`.
+
+    ``resume=True`` continues from ``run_dir/checkpoints/last``. ``max_steps`` stops (with a
+    checkpoint) once that many optimizer steps are done in total. ``metrics``: extra evaluation
+    metrics (see :class:`selora.evaluation.Evaluator`; default: the active profile's).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, max_steps: int | None = None,
+                 progress: bool = True, metrics: Mapping[str, Callable] | None = None) -> None:
+        self.cfg, self.run_dir, self.max_steps, self.progress = cfg, Path(run_dir), max_steps, progress
+        seed_everything(cfg.seed)  # global RNGs too (the trainer itself draws only from its own generators)
+        self.dist = init_distributed()
+        if cfg.batch_size % self.dist.world:
+            raise ConfigError(f"batch_size={cfg.batch_size}: must be divisible by the {self.dist.world} processes")
+        if cfg.mixed_precision != "no" and self.dist.device.type != "cuda":
+            raise ConfigError(f"mixed_precision={cfg.mixed_precision!r}: needs a CUDA device; use 'no' on the CPU")
+        self.autocast = AUTOCAST[cfg.mixed_precision]
+        self._load_data(self.autocast or torch.float32)
+        adapter_gen = torch.Generator().manual_seed(cfg.seed)  # lora_A rows, then the method's own draws
+        self.model = add_adapters(self.pipe, cfg, total_steps=self.total_steps, generator=adapter_gen)
+        self.adapters = self.model.adapters
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            self.pipe.text_encoder.gradient_checkpointing_enable()
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, latent samples, dropout
+        self.adapters.attach(self.optimizer, self.dist.all_sum if self.dist.world > 1 else None)
+        self.at = Progress()
+        self.best: dict[str, Any] | None = None
+        self.finished = False
+        self.metrics_path, self.ranks_path = self.run_dir / rundir.METRICS, self.run_dir / rundir.RANK_HISTORY
+        self.evaluator = Evaluator(self, metrics)
+        if resume:
+            self._restore()
+        elif self.dist.main:
+            self._start_run_dir()
+        self.ddp = self._wrap()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _start_run_dir(self) -> None:
+        """A fresh run directory: the resolved config, empty records, the rank history's step 0."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / rundir.CONFIG).write_text(self.cfg.to_yaml(), encoding="utf-8")
+        for path in (self.metrics_path, self.ranks_path):
+            rundir.truncate_lines(path, 0)
+        rundir.append_record(self.ranks_path, {"step": 0, "ranks": self.adapters.ranks()})
+
+    def _load_data(self, dtype: torch.dtype) -> None:
+        """The frozen base pipeline, both splits encoded once (latents cached) and the DDPM schedule."""
+        cfg = self.cfg
+        self.pipe = load_pipeline(cfg.model, dtype, self.dist.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        vae, tok, tag = self.pipe.vae, self.pipe.tokenizer, f"{cfg.dataset}-{cfg.resolution}"
+        self.train = encode_split(open_dataset(cfg, "train"), vae, tok, cfg.num_workers, f"{tag}-train")
+        self.eval = encode_split(open_dataset(cfg, cfg.eval_split), vae, tok, cfg.num_workers,
+                                 f"{tag}-{cfg.eval_split}", keep_images=True)
+        self.steps_per_epoch = len(self.train) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size={cfg.batch_size}: larger than the {len(self.train)} training images")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.empty_ids = tokenize(tok, [""])[0]
+        self.noise_scheduler = noise_scheduler(self.pipe)
+
+    def _wrap(self) -> nn.Module:
+        """The module the training forward goes through: DDP over the model with several processes."""
+        return self.dist.wrap(self.model)
+
+    def total_rank(self) -> int:
+        return sum(self.adapters.ranks().values())
+
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            rundir.append_record(self.metrics_path, record)
+
+    # -- one step --------------------------------------------------------------------------------
+    def _skip(self, why: str) -> None:
+        """Count a non-finite step; stop with NonFiniteLossError after ``max_bad_steps`` in a row."""
+        at = self.at
+        at.bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log({"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": None,
+                  "skipped": why})
+        if at.bad >= self.cfg.max_bad_steps:
+            last = self.run_dir / rundir.LAST
+            raise NonFiniteLossError(
+                f"{why} in {at.bad} consecutive steps (batches {at.attempt - at.bad + 1}-{at.attempt}); "
+                f"stopped; the last good checkpoint is {last if find_checkpoint(last) else 'none (no checkpoint yet)'}"
+            )
+        warnings.warn(f"batch {at.attempt}: {why}; step skipped ({at.bad} in a row)", RuntimeWarning, stacklevel=2)
+
+    def _backward(self, loss: torch.Tensor) -> bool:
+        """Scaled backward, unscale, clip; False if the gradient is not finite (the step is skipped)."""
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
+        if torch.isfinite(norm):
+            return True
+        if self.scaler.is_enabled():  # fp16 overflow: GradScaler skips the step and lowers the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._skip("non-finite gradient")
+        return False
+
+    def train_step(self, idx: torch.Tensor) -> float | None:
+        """One optimizer step on the global batch ``idx``; returns the mean loss or None if skipped."""
+        at, dev = self.at, self.dist.device
+        at.attempt += 1
+        noisy, t, ids, noise = training_batch(self.train, idx, self.gen, self.noise_scheduler, self.empty_ids,
+                                              self.cfg.prompt_dropout, self.dist.local_slice(len(idx)), dev)
+        self.adapters.before_forward(at.step)
+        with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
+            pred = self.ddp(noisy, t, ids)
+        loss = noise_prediction_loss(pred, noise)  # mean over the local batch
+        if at.attempt in self.cfg.debug_nan_steps:  # test hook (config key debug_nan_steps)
+            loss = loss * float("nan")
+        reg = self.adapters.regulariser().float().to(loss.device)
+        finite = self.dist.all_sum(torch.tensor([float(torch.isfinite(loss + reg).item())]))
+        if finite.item() < self.dist.world:
+            self._skip("non-finite loss")
+            return None
+        if not self._backward(loss + reg):
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_schedule.step()
+        change = self.adapters.after_step(at.step)  # needs this step's gradients
+        self.optimizer.zero_grad(set_to_none=True)
+        at.step += 1
+        at.bad = 0
+        if change is not None:
+            if change.new_parameters and self.dist.world > 1:
+                self.ddp = self._wrap()  # new Parameter objects: DDP must register them
+            if self.dist.main:
+                rundir.append_record(self.ranks_path, {"step": at.step, **change.record})
+        mean_loss = (self.dist.all_sum(loss.detach().float().reshape(1)) / self.dist.world).item()
+        self.log({"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": mean_loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "total_rank": self.total_rank(),
+                  **self.adapters.train_record(reg)})
+        return mean_loss
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write ``checkpoints/last`` atomically (main process) and wait for it on every process."""
+        if self.dist.main:
+            tensors, opt_meta = optimizer_to_files(self.optimizer)
+            method_tensors, method_meta = split_tensors(self.adapters.state_dict(), "method")
+            rng_t, rng_meta = rng_states({"train": self.gen, **self.adapters.generators()})
+            state = {
+                **asdict(self.at), "best": self.best, "finished": self.finished, "world": self.dist.world,
+                "records": {"metrics": rundir.count_lines(self.metrics_path),
+                            "ranks": rundir.count_lines(self.ranks_path)},
+                "optimizer": opt_meta, "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "method": method_meta, "rng": rng_meta,
+            }
+            write_checkpoint(self.run_dir / rundir.LAST, adapter_tensors(self.adapters), self.adapters.ranks(),
+                             {**tensors, **method_tensors, **rng_t}, state)
+        self.dist.barrier()
+
+    def _restore(self) -> None:
+        """Resume from ``checkpoints/last``: the method's state first (SeLoRA grows its layers and
+        swaps the optimizer's parameters), then adapter values, optimizer, schedule, RNG, counters."""
+        found = find_checkpoint(self.run_dir / rundir.LAST)
+        if found is None:
+            raise ConfigError(f"--resume {self.run_dir}: no checkpoint in {rundir.LAST}")
+        adapters, tensors, state = read_checkpoint(found)
+        self.adapters.load_state_dict(join_tensors(state["method"], tensors))
+        load_adapter_tensors(self.adapters, adapters, where=str(found))
+        optimizer_from_files(self.optimizer, tensors, state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_states(tensors, state["rng"], {"train": self.gen, **self.adapters.generators()})
+        self.at = Progress(**{key: state[key] for key in asdict(self.at)})
+        self.best, self.finished = state["best"], state["finished"]
+        if self.dist.main:
+            rundir.truncate_lines(self.metrics_path, state["records"]["metrics"])
+            rundir.truncate_lines(self.ranks_path, state["records"]["ranks"])
+        self.dist.barrier()
+
+    def _save_best(self, record: dict) -> None:
+        if self.best is not None and record["eval_loss"] >= self.best["eval_loss"]:
+            return
+        self.best = {"eval_loss": record["eval_loss"], "step": self.at.step, "epoch": self.at.epoch}
+        if self.dist.main:
+            write_checkpoint(self.run_dir / rundir.BEST, adapter_tensors(self.adapters), self.adapters.ranks(),
+                             state=self.best)
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self.dist.main:
+            atomic_save_safetensors(adapter_tensors(self.adapters), self.run_dir / rundir.FINAL_ADAPTERS)
+            write_json(self.run_dir / rundir.FINAL_RANKS, self.adapters.ranks())
+        self.save()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _stopped(self) -> bool:
+        return self.max_steps is not None and self.at.step >= self.max_steps
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or to ``max_steps``); returns a summary dict."""
+        cfg, at = self.cfg, self.at
+        bar = tqdm(total=self.total_steps, initial=at.step, desc="train", unit="step",
+                   disable=not (self.progress and self.dist.main))
+        try:
+            while not self.finished:
+                at = self.at
+                if self._stopped():
+                    self.save()
+                    return self.summary("stopped at --max-steps")
+                if at.epoch >= cfg.epochs:
+                    self._finish()
+                    break
+                order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
+                    cfg.seed * 100_003 + at.epoch))
+                while at.batch < self.steps_per_epoch and not self._stopped():
+                    b = at.batch
+                    at.batch += 1
+                    loss = self.train_step(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                    if loss is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank())
+                        if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
+                            self.save()
+                if at.batch < self.steps_per_epoch:
+                    continue  # stopped by max_steps
+                at.epoch += 1
+                at.batch = 0
+                if at.epoch % cfg.eval_every == 0 or at.epoch == cfg.epochs:
+                    self._save_best(self.evaluator.evaluate())
+                self.save()
+        finally:
+            bar.close()
+        return self.summary("finished")
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """``trainable`` adapter parameters, frozen ``base`` parameters (UNet + text encoder) and the fraction."""
+        counts = count_parameters(self.model)
+        return {"trainable": counts.trainable, "base": counts.base, "trainable_fraction": counts.fraction}
+
+    def summary(self, status: str) -> dict[str, Any]:
+        return {"status": status, **asdict(self.at), "total_rank": self.total_rank(), **self.parameter_counts(),
+                "best": self.best, "run_dir": str(self.run_dir)}

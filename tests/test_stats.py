@@ -1,0 +1,158 @@
+"""selora.stats against scipy.stats (a test-only dependency): means and standard errors, Welch's t
+test with its degrees of freedom, p-value, critical value and interval, the Student-t distribution,
+Spearman's rank correlation; and the errors on input they cannot handle."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from selora import stats
+
+
+def samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent samples of random sizes (2..12), means and spreads."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(rng.normal(), rng.uniform(0.1, 3), rng.integers(2, 13))
+    b = rng.normal(rng.normal(), rng.uniform(0.1, 3), rng.integers(2, 13))
+    return a, b
+
+
+def test_welch_t_matches_its_formula_and_rejects_degenerate_input():
+    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0]
+    se = (np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 4) ** 0.5
+    assert stats.welch_t(a, b) == pytest.approx((2.0 - 7.0) / se)
+    assert stats.welch_t(b, a) == pytest.approx(-stats.welch_t(a, b))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        stats.welch_t([1.0], b)
+    with pytest.raises(ValueError, match="constant"):
+        stats.welch_t([1.0, 1.0], [2.0, 2.0])
+
+
+def test_mean_and_se():
+    mean, se = stats.mean_and_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert se == pytest.approx(float(np.std([1, 2, 3, 6], ddof=1)) / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.mean_and_se([1.0])
+
+
+def test_paired_gap_mean_and_standard_error():
+    worse = torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 5.0]])
+    better = torch.zeros(3, 2)
+    mean, se = stats.paired_gap(worse, better)  # per-image means 2, 2, 5
+    assert mean == pytest.approx(3.0)
+    assert se == pytest.approx(float(np.std([2, 2, 5], ddof=1) / np.sqrt(3)))
+    with pytest.raises(ValueError, match=">= 2 images"):
+        stats.paired_gap(worse[:1], better[:1])
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 4, 12).astype(float)               # many ties
+        b = a + rng.normal(0, 1.5, 12)
+        if a.std() == 0:
+            continue
+        assert stats.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="constant"):
+        stats.spearman([1, 1, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="equal length"):
+        stats.spearman([1, 2], [1, 2, 3])
+
+
+def test_mean_and_se_and_mean_std_match_scipy_and_statistics():
+    for seed in range(10):
+        values = samples(seed)[0]
+        mean, se = stats.mean_and_se(values)
+        assert mean == pytest.approx(float(np.mean(values)), rel=1e-12)
+        assert se == pytest.approx(float(scipy.stats.sem(values)), rel=1e-12)
+        summary = stats.mean_std(list(values))
+        assert summary["n"] == len(values)
+        assert summary["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
+        assert summary["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
+    assert stats.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert stats.mean_std([4.0]) == {"mean": 4.0, "std": None, "n": 1}
+
+
+def test_welch_test_matches_scipy_ttest_ind_unequal_variances():
+    for seed in range(20):
+        a, b = samples(seed)
+        ref = scipy.stats.ttest_ind(a, b, equal_var=False)
+        for alpha in (0.05, 0.01, 0.2):
+            test = stats.welch_test(a, b, alpha)
+            assert test.t == pytest.approx(ref.statistic, rel=1e-12) and test.t == stats.welch_t(a, b)
+            assert test.df == pytest.approx(ref.df, rel=1e-12) and test.df == stats.welch_df(a, b)
+            assert test.p == pytest.approx(ref.pvalue, rel=1e-10)
+            assert test.critical == pytest.approx(scipy.stats.t.ppf(1 - alpha / 2, ref.df), rel=1e-10)
+            assert (test.p < alpha) == (abs(test.t) > test.critical)
+            low, high = stats.welch_interval(a, b, alpha)
+            ci = ref.confidence_interval(1 - alpha)
+            assert (low, high) == pytest.approx((ci.low, ci.high), rel=1e-10, abs=1e-12)
+
+
+def test_welch_df_is_the_welch_satterthwaite_formula():
+    a, b = [1.0, 2.0, 3.0], [4.0, 6.0, 8.0, 10.0]
+    ua, ub = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 4
+    assert stats.welch_df(a, b) == pytest.approx((ua + ub) ** 2 / (ua**2 / 2 + ub**2 / 3))
+    assert stats.welch_df([1.0, 2.0, 4.0], [5.0, 5.0]) == pytest.approx(2.0)  # one constant group: n - 1 of the other
+    assert stats.welch_test([1.0, 2.0, 4.0], [5.0, 5.0]).df == pytest.approx(2.0)
+
+
+def test_student_t_cdf_and_quantile_match_scipy():
+    for df in (0.5, 1.0, 2.0, 2.7, 4.0, 9.5, 30.0, 250.0, 1e4):
+        for x in (-40.0, -3.0, -1.0, -0.2, 0.0, 0.2, 1.0, 2.5, 8.0, 40.0):
+            assert stats.student_t_cdf(x, df) == pytest.approx(scipy.stats.t.cdf(x, df), rel=1e-10)
+        for q in (1e-9, 1e-4, 0.01, 0.025, 0.1, 0.4, 0.5, 0.6, 0.9, 0.975, 0.99, 0.9999):
+            assert stats.student_t_quantile(q, df) == pytest.approx(scipy.stats.t.ppf(q, df), rel=1e-10, abs=1e-14)
+    assert stats.student_t_quantile(0.975, 1.0) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-12)  # Cauchy
+
+
+def test_welch_and_t_errors():
+    with pytest.raises(ValueError, match="welch_df: need at least 2 values per group"):
+        stats.welch_df([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="constant"):
+        stats.welch_test([1.0, 1.0], [2.0, 2.0])
+    with pytest.raises(ValueError, match="constant"):
+        stats.welch_interval([3.0, 3.0, 3.0], [2.0, 2.0])
+    for alpha in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=f"alpha={alpha}"):
+            stats.welch_test([1.0, 2.0], [2.0, 4.0], alpha)
+        with pytest.raises(ValueError, match=f"alpha={alpha}"):
+            stats.welch_interval([1.0, 2.0], [2.0, 4.0], alpha)
+    for q in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=f"q={q}"):
+            stats.student_t_quantile(q, 3.0)
+    for df in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="df="):
+            stats.student_t_cdf(0.5, df)
+        with pytest.raises(ValueError, match="df="):
+            stats.student_t_quantile(0.5, df)
+
+
+def test_spearman_matches_scipy_on_random_inputs_without_ties():
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 7, 40):
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        assert stats.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+    with pytest.raises(ValueError, match="equal length >= 2"):
+        stats.spearman([1.0], [2.0])
+    with pytest.raises(ValueError, match="1-d"):
+        stats.spearman(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_paired_gap_is_mean_and_se_of_the_per_image_differences():
+    g = torch.Generator().manual_seed(0)
+    worse, better = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    diff = (worse.double() - better.double()).mean(1).numpy()
+    assert stats.paired_gap(worse, better) == stats.mean_and_se(diff)
+    assert stats.paired_gap(worse, better)[1] == pytest.approx(float(scipy.stats.sem(diff)), rel=1e-12)
+    with pytest.raises(ValueError, match="one shape"):
+        stats.paired_gap(worse, better[:, :2])
