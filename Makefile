@@ -12,7 +12,7 @@ export PYTHONHASHSEED := 0
 # reductions (and the controller decisions they feed) match the stored outputs.
 export SELORA_THREADS ?= 1
 
-.PHONY: install test test-unit test-book book check-book execute bench clean
+.PHONY: install lint test test-unit test-book book check-book execute bench regression-reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make test: unit tests, then every chapter under nbval (offline profile)
-test: test-unit test-book
+## make test: lint, unit tests, then every chapter under nbval (offline profile)
+test: lint test-unit test-book
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/ -q
@@ -49,6 +53,10 @@ execute: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/sd15.py
+
+## make regression-reference: re-record tests/data/regression (only when a change is MEANT to alter results)
+regression-reference: $(STAMP)
+	$(PY) scripts/regression_runs.py --update-reference
 
 clean:
 	rm -rf _build .cache

@@ -9,6 +9,7 @@ and, for reference, a plain step followed by an extra forward+backward (what the
 
 Usage: python benchmarks/core.py [--quick] [--rounds N] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,7 +85,9 @@ def make_step(kind: str, levels: tuple[tuple[int, int], ...], rank: int, batch: 
     return step
 
 
-def run(levels: tuple[tuple[int, int], ...] = SD_LEVELS, rank: int = 4, batch: int = 2, rounds: int = 15, warmup: int = 2) -> dict[str, float]:
+def run(
+    levels: tuple[tuple[int, int], ...] = SD_LEVELS, rank: int = 4, batch: int = 2, rounds: int = 15, warmup: int = 2
+) -> dict[str, float]:
     """Fastest CPU seconds per step of each variant over ``rounds`` interleaved rounds.
 
     CPU time (``time.process_time``) and the minimum are the measurements least disturbed by other
@@ -101,7 +104,7 @@ def run(levels: tuple[tuple[int, int], ...] = SD_LEVELS, rank: int = 4, batch: i
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for r in range(warmup + rounds):
-        for name in order[r % len(order):] + order[: r % len(order)]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             step = variants[name]
             t0 = time.process_time()
             step()
@@ -123,8 +126,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     levels = QUICK_LEVELS if args.quick else SD_LEVELS
     rounds = args.rounds or (3 if args.quick else 15)
-    print(f"levels (width, tokens): {levels}; rank {args.rank}; batch {args.batch}; "
-          f"rounds {rounds}; threads {args.threads}; torch {torch.__version__}")
+    print(
+        f"levels (width, tokens): {levels}; rank {args.rank}; batch {args.batch}; "
+        f"rounds {rounds}; threads {args.threads}; torch {torch.__version__}"
+    )
     med = run(levels, args.rank, args.batch, rounds)
     for name, t in med.items():
         print(f"  {name:<24s} {1000 * t:9.2f} ms/step (CPU)")

@@ -27,6 +27,7 @@ Measurement:
 Results go to ``results.json`` (with a ``ratios`` object) and ``results.md`` in ``--out-dir``
 (default: this folder), written atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,14 +110,24 @@ def build_base(quick: bool, dtype: torch.dtype, device: torch.device) -> Diffusi
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(mini / "text_encoder", local_files_only=True))
     else:
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD v1.5 architecture
-        text = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=TOKENS, projection_dim=768, hidden_act="quick_gelu"))  # CLIP ViT-L/14
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=TOKENS,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+        )  # CLIP ViT-L/14
     model = DiffusionModel(unet, text).to(device=device, dtype=dtype)
     return model.requires_grad_(False)
 
 
-def make_inputs(model: DiffusionModel, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def make_inputs(
+    model: DiffusionModel, batch: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """``(noisy (N, 4, 28, 28), t (N,), ids (N, 77), noise (N, 4, 28, 28))``, seeded."""
     g = torch.Generator().manual_seed(batch)
     vocab = model.text_encoder.config.vocab_size
@@ -200,11 +211,13 @@ def make_step(name: str, base: DiffusionModel, autocast: torch.dtype | None) -> 
         return F.mse_loss(pred.float(), noise.float())
 
     if name.startswith("infer"):
+
         @torch.no_grad()
         def step(inputs: tuple) -> None:
             noisy, t, ids, _ = inputs
             with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 model(noisy, t, ids)
+
         return step, 0
 
     def step(inputs: tuple) -> None:
@@ -256,8 +269,13 @@ def timing_child(args: argparse.Namespace) -> dict[str, Any]:
             system[name][str(b)].append(os.times().system - k0)
             wall[name][str(b)].append(time.perf_counter() - w0)
         print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-    return {"seconds": cpu, "wall_seconds": wall, "system_seconds": system, "trainable": {name: s[1] for name, s in steps.items()},
-            "base_parameter_bytes": sum(p.numel() * 4 for p in base.parameters())}
+    return {
+        "seconds": cpu,
+        "wall_seconds": wall,
+        "system_seconds": system,
+        "trainable": {name: s[1] for name, s in steps.items()},
+        "base_parameter_bytes": sum(p.numel() * 4 for p in base.parameters()),
+    }
 
 
 def memory_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,8 +299,21 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads), "--device", args.device,
-           "--dtype", args.dtype, "--rounds", str(args.rounds), "--batches", *map(str, args.batches), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--rounds",
+        str(args.rounds),
+        "--batches",
+        *map(str, args.batches),
+        *extra,
+    ]
     return cmd + (["--quick"] if args.quick else [])
 
 
@@ -291,8 +322,11 @@ def _child_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
 #: With the defaults ~20 % of a step's CPU time at SD v1.5 shapes is kernel time spent faulting in
 #: and zeroing fresh pages, and it varies from call to call; with these it is ~0. Other C libraries
 #: ignore the variables. Memory children keep the defaults (their peak RSS is what a user sees).
-TIMING_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
-                     "MALLOC_TOP_PAD_": str(2**30)}
+TIMING_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
 
 
 def _run_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -337,9 +371,14 @@ def machine() -> dict[str, Any]:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
-    info: dict[str, Any] = {"cpu": cpu, "logical_cores": os.cpu_count(), "memory_bytes": mem,
-                            "os": platform.system(), "python": platform.python_version(),
-                            "torch": torch.__version__}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "os": platform.system(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -356,8 +395,9 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(num, den))
 
 
-def compute_ratios(samples: dict[str, dict[str, list[float]]], memory: dict[str, dict[str, Any]], batches: list[int]
-                   ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def compute_ratios(
+    samples: dict[str, dict[str, list[float]]], memory: dict[str, dict[str, Any]], batches: list[int]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """``(ratios, ratios by batch)`` from per-round seconds and peak bytes (module docstring)."""
     by_batch: dict[str, dict[str, float]] = {}
     for b in map(str, batches):
@@ -374,8 +414,13 @@ def compute_ratios(samples: dict[str, dict[str, list[float]]], memory: dict[str,
     return ratios, by_batch
 
 
-def ratio_intervals(samples: dict[str, dict[str, list[float]]], batches: list[int], resamples: int = 2000,
-                    seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+def ratio_intervals(
+    samples: dict[str, dict[str, list[float]]],
+    batches: list[int],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
     """Bootstrap intervals of the time ratios: rounds resampled with replacement (per batch, pairs kept
     together), the ratio recomputed as in :func:`compute_ratios`; the central ``level`` percentile range.
     Peak memory is one measurement per configuration: it has no interval."""
@@ -400,12 +445,20 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     batches = res["settings"]["batches"]
     ratios, by_batch = compute_ratios(res["seconds_samples"], res["memory"], batches)
     intervals = ratio_intervals(res["seconds_samples"], batches)
-    settings = res["settings"] | {"ratio_interval": "95 % bootstrap over rounds (2000 resamples, seed 0); "
-                                                    "peak memory: one measurement, no interval"}
+    settings = res["settings"] | {
+        "ratio_interval": "95 % bootstrap over rounds (2000 resamples, seed 0); "
+        "peak memory: one measurement, no interval"
+    }
     goals = {key: goal for key, (_, _, goal) in RATIOS.items()}
     verdicts = {key: goal_verdict(key, value, goals[key], intervals.get(key)) for key, value in ratios.items()}
-    return res | {"settings": settings, "ratios": ratios, "ratios_by_batch": by_batch, "ratio_intervals": intervals,
-                  "goals": goals, "verdicts": verdicts}
+    return res | {
+        "settings": settings,
+        "ratios": ratios,
+        "ratios_by_batch": by_batch,
+        "ratio_intervals": intervals,
+        "goals": goals,
+        "verdicts": verdicts,
+    }
 
 
 def goal_verdict(key: str, value: float, goal: float, interval: list[float] | None) -> str:
@@ -429,54 +482,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timing = _run_child(_child_cmd(args, "--child", "timing"), env=TIMING_MALLOC_ENV)
     small = [(name, b) for name in MEMORY if name != "full_ft" for b in args.batches]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = pool.map(lambda job: _run_child(_child_cmd(args, "--child", "memory", "--config", job[0],
-                                                                "--batch", str(job[1]))), small)
+        results = pool.map(
+            lambda job: _run_child(_child_cmd(args, "--child", "memory", "--config", job[0], "--batch", str(job[1]))),
+            small,
+        )
         memory: dict[str, dict[str, Any]] = {name: {} for name in MEMORY}
         for (name, b), out in zip(small, results):
             memory[name][str(b)] = out
             print(f"memory {name} batch {b}: {out['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     notes = []
     for b in map(str, args.batches):
-        why = "not enough free memory to run it" if args.device == "cpu" and not _fits(memory["frozen"][b], timing) else ""
+        why = (
+            "not enough free memory to run it"
+            if args.device == "cpu" and not _fits(memory["frozen"][b], timing)
+            else ""
+        )
         if not why:
             try:
-                memory["full_ft"][b] = _run_child(_child_cmd(args, "--child", "memory", "--config", "full_ft",
-                                                             "--batch", b))
+                memory["full_ft"][b] = _run_child(
+                    _child_cmd(args, "--child", "memory", "--config", "full_ft", "--batch", b)
+                )
             except RuntimeError as err:  # e.g. killed for lack of memory
                 why = str(err)
         if why:
             # weights in float32 + gradients + two Adam moments on top of the frozen run's peak
             need = memory["frozen"][b]["peak_bytes"] + 3 * timing["base_parameter_bytes"]
             memory["full_ft"][b] = {"peak_bytes": need, "kind": "estimate", "seconds": None, "trainable": None}
-            notes.append(f"full_ft batch {b}: {why}; peak memory ESTIMATED as the frozen run's peak + 3 x "
-                         "parameter bytes (a lower bound, so the memory ratio is an upper bound)")
+            notes.append(
+                f"full_ft batch {b}: {why}; peak memory ESTIMATED as the frozen run's peak + 3 x "
+                "parameter bytes (a lower bound, so the memory ratio is an upper bound)"
+            )
             continue
-        print(f"memory full_ft batch {b}: {memory['full_ft'][b]['peak_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        print(
+            f"memory full_ft batch {b}: {memory['full_ft'][b]['peak_bytes'] / 2**30:.2f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
     medians = {name: {b: statistics.median(v) for b, v in per.items()} for name, per in timing["seconds"].items()}
-    medians["full_ft"] = {b: statistics.median(m["seconds"][1:]) if m["seconds"] else None
-                          for b, m in memory["full_ft"].items()}
+    medians["full_ft"] = {
+        b: statistics.median(m["seconds"][1:]) if m["seconds"] else None for b, m in memory["full_ft"].items()
+    }
     notes.append("full_ft time: the second step of its own memory process (not interleaved; one sample)")
-    return analyse({
-        "schema": 1,
-        "quick": args.quick,
-        "started_utc": started,
-        "machine": machine() | {"load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
-        "settings": {"torch_threads": args.threads, "rounds": args.rounds, "warmup": 1, "batches": args.batches,
-                     "latent": [LATENT, LATENT], "tokens": TOKENS, "device": args.device, "dtype": args.dtype,
-                     "lora_rank": LORA_RANK, "test_interval": T_INTERVAL,
-                     "clock": "wall (cuda sync)" if args.device == "cuda" else "process CPU time",
-                     "timing_child_env": TIMING_MALLOC_ENV,
-                     "ratio_aggregate": "geometric mean over batch sizes of the per-batch median over rounds "
-                                        "of paired (same-round) ratios; memory children ran after the timing child"},
-        "configs": CONFIGS,
-        "seconds_median": medians,
-        "seconds_samples": timing["seconds"],
-        "wall_seconds_samples": timing["wall_seconds"],
-        "system_seconds_samples": timing["system_seconds"],
-        "trainable_parameters": timing["trainable"] | {"full_ft": timing["base_parameter_bytes"] // 4},
-        "memory": memory,
-        "notes": notes,
-    })
+    return analyse(
+        {
+            "schema": 1,
+            "quick": args.quick,
+            "started_utc": started,
+            "machine": machine() | {"load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
+            "settings": {
+                "torch_threads": args.threads,
+                "rounds": args.rounds,
+                "warmup": 1,
+                "batches": args.batches,
+                "latent": [LATENT, LATENT],
+                "tokens": TOKENS,
+                "device": args.device,
+                "dtype": args.dtype,
+                "lora_rank": LORA_RANK,
+                "test_interval": T_INTERVAL,
+                "clock": "wall (cuda sync)" if args.device == "cuda" else "process CPU time",
+                "timing_child_env": TIMING_MALLOC_ENV,
+                "ratio_aggregate": "geometric mean over batch sizes of the per-batch median over rounds "
+                "of paired (same-round) ratios; memory children ran after the timing child",
+            },
+            "configs": CONFIGS,
+            "seconds_median": medians,
+            "seconds_samples": timing["seconds"],
+            "wall_seconds_samples": timing["wall_seconds"],
+            "system_seconds_samples": timing["system_seconds"],
+            "trainable_parameters": timing["trainable"] | {"full_ft": timing["base_parameter_bytes"] // 4},
+            "memory": memory,
+            "notes": notes,
+        }
+    )
 
 
 def reanalysed(path: Path) -> dict[str, Any]:
@@ -485,7 +563,9 @@ def reanalysed(path: Path) -> dict[str, Any]:
         res = json.loads(path.read_text(encoding="utf-8"))
         return analyse(res)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RuntimeError(f"{path}: not a benchmark results.json with raw samples ({type(err).__name__}: {err})")
+        raise RuntimeError(
+            f"{path}: not a benchmark results.json with raw samples ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _fmt(seconds: float | None) -> str:
@@ -496,29 +576,51 @@ def markdown(res: dict[str, Any]) -> str:
     """The results as a markdown page: ratios against goals, absolute times, peak memory, machine."""
     goals, m, s = res["goals"], res["machine"], res["settings"]
     approx = {"authors_test_step_vs_plain"}
-    lines = ["# SeLoRA benchmark at Stable Diffusion v1.5 shapes" + (" (quick smoke run)" if res["quick"] else ""), "",
-             (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, "
-              f"{s['torch_threads']} torch thread(s), {s['device']} {s['dtype']}; load average "
-              f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end. "
-              f"Latent {s['latent'][0]}x{s['latent'][1]}, batches {s['batches']}, {s['rounds']} interleaved "
-              f"rounds ({s['clock']}); ratios: median of the rounds' paired ratios."), "",
-             "| ratio | value | 95 % interval | goal | met |", "|---|---:|---:|---:|:---:|"]
+    lines = [
+        "# SeLoRA benchmark at Stable Diffusion v1.5 shapes" + (" (quick smoke run)" if res["quick"] else ""),
+        "",
+        (
+            f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, torch {m['torch']}, "
+            f"{s['torch_threads']} torch thread(s), {s['device']} {s['dtype']}; load average "
+            f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end. "
+            f"Latent {s['latent'][0]}x{s['latent'][1]}, batches {s['batches']}, {s['rounds']} interleaved "
+            f"rounds ({s['clock']}); ratios: median of the rounds' paired ratios."
+        ),
+        "",
+        "| ratio | value | 95 % interval | goal | met |",
+        "|---|---:|---:|---:|:---:|",
+    ]
     for key, value in res["ratios"].items():
         goal, interval = goals[key], res["ratio_intervals"].get(key)
         op = "≈" if key in approx else "≤"
         span = "—" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
         lines.append(f"| `{key}` | {value:.3f} | {span} | {op} {goal:g} | {res['verdicts'][key]} |")
-    lines += ["", "Interval: " + s["ratio_interval"] + ". *Within noise*: the interval contains the goal, "
-              "so this run does not settle it either way."]
+    lines += [
+        "",
+        "Interval: " + s["ratio_interval"] + ". *Within noise*: the interval contains the goal, "
+        "so this run does not settle it either way.",
+    ]
     batches = [str(b) for b in s["batches"]]
-    lines += ["", "Median seconds per call:", "", "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
-              "|---|" + "---:|" * len(batches)]
+    lines += [
+        "",
+        "Median seconds per call:",
+        "",
+        "| configuration | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
     for name, desc in res["configs"].items():
-        lines.append(f"| {desc} | " + " | ".join(_fmt(res['seconds_median'][name][b]) for b in batches) + " |")
-    lines += ["", "Peak memory (fresh process per configuration):", "",
-              "| configuration | " + " | ".join(f"batch {b} (GiB)" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+        lines.append(f"| {desc} | " + " | ".join(_fmt(res["seconds_median"][name][b]) for b in batches) + " |")
+    lines += [
+        "",
+        "Peak memory (fresh process per configuration):",
+        "",
+        "| configuration | " + " | ".join(f"batch {b} (GiB)" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
     for name, per in res["memory"].items():
-        lines.append(f"| {res['configs'][name]} | " + " | ".join(f"{per[b]['peak_bytes'] / 2**30:.2f}" for b in batches) + " |")
+        lines.append(
+            f"| {res['configs'][name]} | " + " | ".join(f"{per[b]['peak_bytes'] / 2**30:.2f}" for b in batches) + " |"
+        )
     lines += [""] + [f"- {note}" for note in res["notes"]] + [""]
     return "\n".join(lines)
 
@@ -537,13 +639,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes (default 1 2)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                    help="frozen weights' dtype; half precision runs under autocast with float32 adapters")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help="memory-measuring processes run at once, after the timing one (default 1, quick 4)")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="frozen weights' dtype; half precision runs under autocast with float32 adapters",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="memory-measuring processes run at once, after the timing one (default 1, quick 4)",
+    )
     ap.add_argument("--out-dir", type=Path, default=HERE, help="where results.json and results.md go")
-    ap.add_argument("--reanalyse", type=Path, metavar="RESULTS_JSON",
-                    help="recompute ratios and intervals from a results.json's raw samples (no measuring)")
+    ap.add_argument(
+        "--reanalyse",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="recompute ratios and intervals from a results.json's raw samples (no measuring)",
+    )
     ap.add_argument("--child", choices=["timing", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)

@@ -36,6 +36,7 @@ on one heavily shared CPU thread. It loads and samples, but does NOT yet follow 
     python scripts/build_mini_sd.py --quick --out DIR   # a one-minute smoke test
     python scripts/build_mini_sd.py --probe DIR         # probe an existing folder again
 """
+
 from __future__ import annotations
 
 import argparse
@@ -288,8 +289,9 @@ def random_captions(n: int, rng: np.random.Generator) -> list[str]:
     return ["" if rng.random() < 0.1 else caption(draw_attributes(rng), rng) for _ in range(n)]
 
 
-def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch: int, rng: np.random.Generator,
-                       log: list) -> dict:
+def train_text_encoder(
+    text_encoder: CLIPTextModel, tokenizer, steps: int, batch: int, rng: np.random.Generator, log: list
+) -> dict:
     """Stage 0: teach the text encoder, on captions alone, to say what each caption states.
 
     Linear heads read the mean of ``last_hidden_state`` over all 77 positions (the padding
@@ -299,17 +301,22 @@ def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch
     UNet, as SD v1.5 froze its pretrained CLIP text encoder. Returns held-out accuracy per head and
     the cosine of the hidden states of "... on the left" vs "... on the right" before and after.
     """
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(text_encoder.config.hidden_size, len(v) + 1)
-                                 for k, v in ATTRIBUTE_CLASSES.items()})
+    heads = torch.nn.ModuleDict(
+        {k: torch.nn.Linear(text_encoder.config.hidden_size, len(v) + 1) for k, v in ATTRIBUTE_CLASSES.items()}
+    )
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     def tokens(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
 
     def left_right_cosine() -> float:
         with torch.no_grad():
-            h = text_encoder(tokens(["a large white circle on the left", "a large white circle on the right"]))[0].flatten(1)
+            h = text_encoder(tokens(["a large white circle on the left", "a large white circle on the right"]))[
+                0
+            ].flatten(1)
         return float(F.cosine_similarity(h[:1], h[1:]).item())
 
     def loss_and_hits(texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -332,12 +339,20 @@ def train_text_encoder(text_encoder: CLIPTextModel, tokenizer, steps: int, batch
         loss, _ = loss_and_hits(random_captions(batch, rng))
         optimizer_step(opt, loss, params, log)
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"text step {step + 1}/{steps}  cross-entropy {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"text step {step + 1}/{steps}  cross-entropy {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
     text_encoder.eval()
     with torch.no_grad():
         _, accuracy = loss_and_hits(random_captions(512, rng))
-    result = {"steps": steps, "batch": batch, "runtime_seconds": round(time.time() - t0), "held_out_accuracy": accuracy,
-              "left_right_cosine": {"before": cos_before, "after": left_right_cosine()}}
+    result = {
+        "steps": steps,
+        "batch": batch,
+        "runtime_seconds": round(time.time() - t0),
+        "held_out_accuracy": accuracy,
+        "left_right_cosine": {"before": cos_before, "after": left_right_cosine()},
+    }
     print(f"text encoder: {json.dumps(result)}", flush=True)
     return result
 
@@ -518,7 +533,9 @@ def train_unet(
             g["lr"] = lr_at(step, None, 1e-3)
         idx = rng.integers(len(attrs), size=batch)
         texts = ["" if rng.random() < 0.1 else caption(attrs[i], rng) for i in idx]
-        ids = tokenizer(texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            texts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
         idx_t = torch.from_numpy(idx)
         z = latents[idx_t] * scaling
         noise = torch.randn(z.shape, generator=gen)
@@ -530,7 +547,9 @@ def train_unet(
         optimizer_step(opt, loss, params, log)
         ema.update()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"unet step {step + 1}/{steps}  eps-mse {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"unet step {step + 1}/{steps}  eps-mse {np.mean(log[-100:]):.4f}  {time.time() - t0:.0f}s", flush=True
+            )
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
             snapshot(step + 1)
 
@@ -655,7 +674,10 @@ def curve_png(vae_curve: list[float], unet_curve: list[float]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, curve, title in ((axes[0], vae_curve, "VAE: L1 + KL"), (axes[1], unet_curve, "UNet (frozen text encoder): eps MSE")):
+    for ax, curve, title in (
+        (axes[0], vae_curve, "VAE: L1 + KL"),
+        (axes[1], unet_curve, "UNet (frozen text encoder): eps MSE"),
+    ):
         w = min(4, len(curve))
         ax.plot(25 * (np.arange(len(curve) - w + 1) + w), np.convolve(curve, np.ones(w) / w, mode="valid"))
         ax.set(title=title, xlabel="step", yscale="log")
@@ -673,16 +695,32 @@ def thin(log: list[float], every: int = 25) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- main
-FULL = {"text_steps": 600, "vae_steps": 1500, "unet_steps": 3000, "decoder_steps": 1000, "images": 6000,
-        "snapshot_every": 250, "probe_seeds": 4}
-QUICK = {"text_steps": 10, "vae_steps": 10, "unet_steps": 20, "decoder_steps": 10, "images": 256, "snapshot_every": 10,
-         "probe_seeds": 2}
+FULL = {
+    "text_steps": 600,
+    "vae_steps": 1500,
+    "unet_steps": 3000,
+    "decoder_steps": 1000,
+    "images": 6000,
+    "snapshot_every": 250,
+    "probe_seeds": 4,
+}
+QUICK = {
+    "text_steps": 10,
+    "vae_steps": 10,
+    "unet_steps": 20,
+    "decoder_steps": 10,
+    "images": 256,
+    "snapshot_every": 10,
+    "probe_seeds": 2,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line; ``--quick`` changes the defaults (explicit flags still win) and the output folder."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help=f"pipeline folder (default {MINI_SD_DIR.name}/ in the package assets)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help=f"pipeline folder (default {MINI_SD_DIR.name}/ in the package assets)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
     ap.add_argument("--vae-batch", type=int, default=16, help="VAE batch size")
@@ -704,8 +742,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.out is None:
         args.out = cache_dir("mini-sd-quick") / "mini-sd" if args.quick else MINI_SD_DIR
-    for name in ("text_steps", "vae_steps", "unet_steps", "decoder_steps", "batch", "vae_batch", "text_batch", "images",
-                 "probe_seeds"):
+    for name in (
+        "text_steps",
+        "vae_steps",
+        "unet_steps",
+        "decoder_steps",
+        "batch",
+        "vae_batch",
+        "text_batch",
+        "images",
+        "probe_seeds",
+    ):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.snapshot_every < 0:
@@ -744,16 +791,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_clip_tokenizer("offline")
     vae, text_encoder = make_vae(), make_text_encoder()
     unet = make_unet(text_encoder.config.hidden_size)
-    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
+    n_params = {
+        k: sum(p.numel() for p in m.parameters())
+        for k, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))
+    }
     print("parameters:", n_params, flush=True)
     text_log: list[float] = []
-    text_result = train_text_encoder(text_encoder, tokenizer, args.text_steps, args.text_batch,
-                                     np.random.default_rng([args.seed, 4]), text_log)
+    text_result = train_text_encoder(
+        text_encoder, tokenizer, args.text_steps, args.text_batch, np.random.default_rng([args.seed, 4]), text_log
+    )
     text_result["cross_entropy_every_25_steps"] = thin(text_log)
     t_vae_start = time.time()
 
     if args.vae_from:  # stage 1a done before: its fp16 VAE as written, and its logged VAE curve
-        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).state_dict())
+        vae.load_state_dict(
+            AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).state_dict()
+        )
         earlier = json.loads((args.vae_from / "training_log.json").read_text())
         vae_curve, vae_final = earlier["loss_every_25_steps"]["vae_l1_kl"], earlier["final_loss_last_100_steps"]["vae"]
     else:
@@ -780,11 +833,20 @@ def main(argv: list[str] | None = None) -> int:
         """The EMA weights after ``step`` UNet steps as a pipeline folder, with the log so far."""
         log = {
             "seed": args.seed,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "probe", "refine_decoder", "vae_from")},
+            "args": {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if k not in ("out", "probe", "refine_decoder", "vae_from")
+            },
             "unet_steps_done": step,
             "vae_from_earlier_run": args.vae_from is not None,
             "parameters": n_params,
-            "runtime_seconds": {"text_encoder": text_result["runtime_seconds"], "vae": round(t_vae), "unet": round(time.time() - t0), "total": round(time.time() - t_start)},
+            "runtime_seconds": {
+                "text_encoder": text_result["runtime_seconds"],
+                "vae": round(t_vae),
+                "unet": round(time.time() - t0),
+                "total": round(time.time() - t_start),
+            },
             "threads": torch.get_num_threads(),
             "versions": {m: __import__(m).__version__ for m in ("torch", "diffusers", "transformers")},
             "text_encoder_pretraining": text_result,
@@ -793,15 +855,34 @@ def main(argv: list[str] | None = None) -> int:
             "loss_every_25_steps": {"vae_l1_kl": vae_curve, "unet_eps_mse": thin(unet_log)},
             "final_loss_last_100_steps": {"vae": vae_final, "unet": float(np.mean(unet_log[-100:]))},
         }
-        extras = {"training_log.json": json.dumps(log, indent=1).encode(), "loss_curve.png": curve_png(vae_curve, thin(unet_log))}
+        extras = {
+            "training_log.json": json.dumps(log, indent=1).encode(),
+            "loss_curve.png": curve_png(vae_curve, thin(unet_log)),
+        }
         (unet_ema,) = ema.copies()
         save_folder((vae, text_encoder, tokenizer, unet_ema), out, extras)
-        print(f"wrote {out} after {step} unet steps: {json.dumps(log['runtime_seconds'])}, "
-              f"final losses {json.dumps(log['final_loss_last_100_steps'])}", flush=True)
+        print(
+            f"wrote {out} after {step} unet steps: {json.dumps(log['runtime_seconds'])}, "
+            f"final losses {json.dumps(log['final_loss_last_100_steps'])}",
+            flush=True,
+        )
 
     snap_dir = cache_dir("mini-sd-build") / "snapshot"
-    train_unet(unet, text_encoder, tokenizer, latents, attrs, scaling, args.unet_steps, args.batch, rng, unet_log,
-               ema, lambda step: write(snap_dir, step), args.snapshot_every)
+    train_unet(
+        unet,
+        text_encoder,
+        tokenizer,
+        latents,
+        attrs,
+        scaling,
+        args.unet_steps,
+        args.batch,
+        rng,
+        unet_log,
+        ema,
+        lambda step: write(snap_dir, step),
+        args.snapshot_every,
+    )
     write(args.out, args.unet_steps)
     refine_decoder(args.out, args.decoder_steps, args.vae_batch, args.seed)
     probe_folder(args.out, seeds)

@@ -13,6 +13,7 @@ every page goes to ``<screenshots>/<page>.png`` (toc path with "/" as "-", e.g. 
 Exit status: 0 all pages fine (a summary table is printed), 1 problems found (one line each, then the
 table and a count), 2 bad input (missing folder/file, no Chromium).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,30 @@ import http.server
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from playwright.sync_api import sync_playwright
 
 from selora.io import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHROMIUM = "/usr/bin/chromium"  # Debian's `chromium` package; playwright cannot download here
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 VIEWPORT = {"width": 1280, "height": 900}
 PAGE_TIMEOUT_MS = 30_000
@@ -177,7 +183,7 @@ class LocalServer:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         self._thread.start()
         return self
 
@@ -199,7 +205,7 @@ class _AnchorParser(HTMLParser):
                 self.names.add(value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anchors_in(html_file: Path) -> frozenset[str]:
     """Every ``id`` (and ``<a name>``) in a static HTML file."""
     parser = _AnchorParser()
@@ -220,17 +226,20 @@ def local_target(html_dir: Path, url_path: str) -> Path | None:
 # -------------------------------------------------------------------------------------- check
 def image_problems(tab: Page, same_site: Callable[[str], bool]) -> tuple[int, list[tuple[str, str]]]:
     """(number of same-site images, [(src attribute, url)] of those that did not load)."""
-    images = [im for im in tab.evaluate(IMAGES_JS, IMAGE_TIMEOUT_MS)
-              if same_site(im["url"]) or im["url"].startswith("data:") or not im["url"]]
+    images = [
+        im
+        for im in tab.evaluate(IMAGES_JS, IMAGE_TIMEOUT_MS)
+        if same_site(im["url"]) or im["url"].startswith("data:") or not im["url"]
+    ]
     return len(images), [(im["attr"], im["url"]) for im in images if not im["ok"]]
 
 
-def link_problems(tab: Page, same_site: Callable[[str], bool], html_dir: Path,
-                  html_file: Path) -> tuple[int, list[str]]:
+def link_problems(
+    tab: Page, same_site: Callable[[str], bool], html_dir: Path, html_file: Path
+) -> tuple[int, list[str]]:
     """(number of links, details of same-site links whose file or anchor does not exist)."""
     links = tab.evaluate(LINKS_JS)
-    resolved = {link["href"]: link["url"] for link in links
-                if link["href"] and same_site(link["url"])}
+    resolved = {link["href"]: link["url"] for link in links if link["href"] and same_site(link["url"])}
     broken = []
     for href, url in sorted(resolved.items()):
         parts = urlsplit(url)
@@ -268,16 +277,27 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
     console: list = []
     broken_images: list[tuple[str, str]] = []
     context = browser.new_context(viewport=VIEWPORT)
-    context.route("**/*", lambda route: route.continue_()
-                  if same_site(route.request.url) else route.abort())  # other hosts: blocked
+    context.route(
+        "**/*", lambda route: route.continue_() if same_site(route.request.url) else route.abort()
+    )  # other hosts: blocked
     tab = context.new_page()
-    tab.on("pageerror", lambda exc: say("page error", first_line(
-        f"{exc.name}: {exc.message}" if exc.name else exc.message)))
+    tab.on(
+        "pageerror",
+        lambda exc: say("page error", first_line(f"{exc.name}: {exc.message}" if exc.name else exc.message)),
+    )
     tab.on("console", lambda msg: console.append(msg) if msg.type == "error" else None)
-    tab.on("response", lambda r: failed.setdefault(r.url, f"HTTP {r.status}")
-           if r.status >= 400 and same_site(r.url) else None)
-    tab.on("requestfailed", lambda r: failed.setdefault(r.url, r.failure or "failed")
-           if same_site(r.url) and "ERR_ABORTED" not in (r.failure or "") else None)
+    tab.on(
+        "response",
+        lambda r: failed.setdefault(r.url, f"HTTP {r.status}") if r.status >= 400 and same_site(r.url) else None,
+    )
+    tab.on(
+        "requestfailed",
+        lambda r: (
+            failed.setdefault(r.url, r.failure or "failed")
+            if same_site(r.url) and "ERR_ABORTED" not in (r.failure or "")
+            else None
+        ),
+    )
     try:
         response = tab.goto(f"{origin}/{page}.html", wait_until="load", timeout=PAGE_TIMEOUT_MS)
         if response is None or response.status >= 400:
@@ -288,8 +308,7 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
             pass
         result.images, broken_images = image_problems(tab, same_site)
         for attr, url in broken_images:
-            say("broken image", f"{attr[:120] or '(no src)'} "
-                                f"({failed.get(url, 'did not decode, naturalWidth 0')})")
+            say("broken image", f"{attr[:120] or '(no src)'} ({failed.get(url, 'did not decode, naturalWidth 0')})")
         for line in tab.evaluate(CELL_ERROR_JS):
             say("cell error output", line[:300])
         for text in tab.evaluate(RAW_TABLE_JS):
@@ -309,7 +328,7 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
     skip = {url for _, url in broken_images} | {f"{origin}/{page}.html"}
     for url, why in sorted(failed.items()):
         if url not in skip:
-            say("resource failed", f"{url[len(origin):]} ({why})")
+            say("resource failed", f"{url[len(origin) :]} ({why})")
     for msg in console:
         # "Failed to load resource" repeats what the network events report (and the browser's
         # implicit /favicon.ico probe); errors raised by scripts from other hosts do not count.
@@ -326,8 +345,7 @@ def first_line(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else ""
 
 
-def check_site(html_dir: Path, toc_file: Path, shots: Path,
-               chromium: str = DEFAULT_CHROMIUM) -> list[PageResult]:
+def check_site(html_dir: Path, toc_file: Path, shots: Path, chromium: str = DEFAULT_CHROMIUM) -> list[PageResult]:
     """Check every toc page of the built book in ``html_dir``; one :class:`PageResult` per page."""
     if not html_dir.is_dir():
         raise InputError(f"{html_dir}: HTML folder not found (build the book first: make book)")
@@ -346,25 +364,33 @@ def check_site(html_dir: Path, toc_file: Path, shots: Path,
 def summary_table(results: list[PageResult]) -> str:
     """A fixed-width table: one row per page with counts, time and verdict."""
     width = max([len("page")] + [len(r.page) for r in results])
-    head = (f"{'page':<{width}}  {'verdict':<7}  {'problems':>8}  {'images':>6}  {'links':>5}  "
-            f"{'stderr':>6}  {'seconds':>7}")
+    head = (
+        f"{'page':<{width}}  {'verdict':<7}  {'problems':>8}  {'images':>6}  {'links':>5}  "
+        f"{'stderr':>6}  {'seconds':>7}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.page:<{width}}  {'FAIL' if r.problems else 'ok':<7}  {len(r.problems):>8}  "
-                    f"{r.images:>6}  {r.links:>5}  {r.stderr_outputs:>6}  {r.seconds:>7.1f}")
+        rows.append(
+            f"{r.page:<{width}}  {'FAIL' if r.problems else 'ok':<7}  {len(r.problems):>8}  "
+            f"{r.images:>6}  {r.links:>5}  {r.stderr_outputs:>6}  {r.seconds:>7.1f}"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html",
-                        help="built HTML folder (default: _build/html)")
-    parser.add_argument("--toc", type=Path, default=ROOT / "_toc.yml",
-                        help="table of contents listing the pages (default: _toc.yml)")
-    parser.add_argument("--screenshots", type=Path, default=None,
-                        help="where page screenshots go (default: <html>/../screenshots)")
-    parser.add_argument("--chromium", default=DEFAULT_CHROMIUM,
-                        help=f"Chromium executable (default: {DEFAULT_CHROMIUM})")
+    parser.add_argument(
+        "--html", type=Path, default=ROOT / "_build" / "html", help="built HTML folder (default: _build/html)"
+    )
+    parser.add_argument(
+        "--toc", type=Path, default=ROOT / "_toc.yml", help="table of contents listing the pages (default: _toc.yml)"
+    )
+    parser.add_argument(
+        "--screenshots", type=Path, default=None, help="where page screenshots go (default: <html>/../screenshots)"
+    )
+    parser.add_argument(
+        "--chromium", default=DEFAULT_CHROMIUM, help=f"Chromium executable (default: {DEFAULT_CHROMIUM})"
+    )
     args = parser.parse_args(argv)
     shots = args.screenshots or args.html.parent / "screenshots"
     start = time.perf_counter()
@@ -380,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     if problems:
         pages = len({p.page for p in problems})
-        print(f"FAILED: {len(problems)} problem(s) on {pages} of {len(results)} page(s) "
-              f"({elapsed:.1f} s); screenshots in {shots}")
+        print(
+            f"FAILED: {len(problems)} problem(s) on {pages} of {len(results)} page(s) "
+            f"({elapsed:.1f} s); screenshots in {shots}"
+        )
         return 1
     print(f"OK: {len(results)} page(s) checked in {elapsed:.1f} s; screenshots in {shots}")
     return 0

@@ -7,6 +7,7 @@ in its own folder with the offline profile and one torch thread (unless SELORA_P
 SELORA_THREADS are set). Outputs are scrubbed of
 machine paths; an execution error leaves the file untouched and exits non-zero.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,13 @@ def execute(path: Path, timeout: int = 900) -> float:
     os.environ.setdefault("SELORA_PROFILE", "offline")
     os.environ.setdefault("SELORA_THREADS", "1")  # as `make test` runs them (see Makefile)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
     scrub_outputs(nb)
     with atomic_path(path) as tmp:
         nbformat.write(nb, tmp)

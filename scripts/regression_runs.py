@@ -11,6 +11,7 @@ every 5 steps at lambda = 1.05, an evaluation after every epoch, no sample grids
 ``tests/test_regression.py`` re-runs them and checks them against the committed reference with
 tolerances that hold across CPUs (ranks equal, tensors close).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,32 @@ METHODS = ("selora", "lora", "dylora", "adalora")
 SETTINGS = ("epochs=3", "interval=5", "threshold=1.05", "eval_every=1", "num_samples=0")
 MAX_STEPS = 30
 #: The files a run leaves that describe its result (compared bitwise by ``--compare``).
-RESULT_FILES = ("checkpoints/last/adapters.safetensors", "checkpoints/last/ranks.json", "metrics.jsonl",
-                "rank_history.jsonl")
+RESULT_FILES = (
+    "checkpoints/last/adapters.safetensors",
+    "checkpoints/last/ranks.json",
+    "metrics.jsonl",
+    "rank_history.jsonl",
+)
 
 
 def run_method(method: str, out: Path) -> Path:
     """Train ``method`` into ``out / method`` with :data:`SETTINGS`; returns the run folder."""
     run = out / method
     env = {**os.environ, "SELORA_PROFILE": "offline", "SELORA_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "selora.train", "--config", "montgomery-offline", "--out", str(run),
-           "--max-steps", str(MAX_STEPS), "--no-progress", "--set", f"method={method}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selora.train",
+        "--config",
+        "montgomery-offline",
+        "--out",
+        str(run),
+        "--max-steps",
+        str(MAX_STEPS),
+        "--no-progress",
+        "--set",
+        f"method={method}",
+    ]
     for item in SETTINGS:
         cmd += ["--set", item]
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)

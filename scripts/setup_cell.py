@@ -3,6 +3,7 @@
 ``python scripts/setup_cell.py`` rewrites the first code cell of every chapter listed in
 ``_toc.yml`` to this exact text (tagged ``setup``); ``tests/test_book_structure.py`` checks it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "setup"
 
-TEMPLATE = '''\
+TEMPLATE = """\
 # Setup (identical in every chapter; written by scripts/setup_cell.py from _config.yml).
 # On Colab this installs selora from the repository; with a GPU runtime the profile is "paper".
 import os, subprocess, sys
@@ -26,7 +27,7 @@ if "google.colab" in sys.modules:
 import selora
 
 SETUP = selora.setup(seed=0)  # seeds python/numpy/torch, sets threads, prints profile and versions
-PROFILE = SETUP["profile"]'''
+PROFILE = SETUP["profile"]"""
 
 
 def load_config() -> dict:

@@ -14,6 +14,7 @@ with their provenance (case ids, data hash, seed, steps, versions) in the safete
     python scripts/train_proxies.py                      # the shipped files (~1 min CPU, 1 thread)
     python scripts/train_proxies.py --steps 20 --out DIR # a smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ def info_nce(model: AlignmentProxy, images: torch.Tensor, tokens: tuple[torch.Te
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def train(model: torch.nn.Module, loss_fn, images: torch.Tensor, steps: int, lr: float, gen: torch.Generator,
-          name: str) -> list[float]:
+def train(
+    model: torch.nn.Module, loss_fn, images: torch.Tensor, steps: int, lr: float, gen: torch.Generator, name: str
+) -> list[float]:
     """Full-batch AdamW with cosine decay; ``loss_fn(model, augmented images)``; returns the loss log."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

@@ -3,6 +3,7 @@
 The core (layers, injection, Fisher scoring, the expansion controller) imports only torch; the
 training and sharing API (config, trainer, runs, export) loads diffusers/transformers on first use.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -16,11 +17,15 @@ __version__ = "0.1.0"
 
 #: Public names that load on first use (PEP 562): ``selora.Trainer`` imports diffusers only then.
 _LAZY = {
-    "TrainConfig": "selora.config", "load_config": "selora.config",
+    "TrainConfig": "selora.config",
+    "load_config": "selora.config",
     "METHODS": "selora.methods",
     "Trainer": "selora.trainer",
-    "load_run": "selora.rundir", "read_records": "selora.rundir",
-    "save_diffusers_lora": "selora.export", "save_peft_adapter": "selora.export", "save_merged": "selora.export",
+    "load_run": "selora.rundir",
+    "read_records": "selora.rundir",
+    "save_diffusers_lora": "selora.export",
+    "save_peft_adapter": "selora.export",
+    "save_merged": "selora.export",
     "load_selora": "selora.export",
 }
 

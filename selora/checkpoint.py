@@ -9,17 +9,18 @@ temporary name and renamed into place, so a crash never leaves a half-written on
     <dir>/state.safetensors      optimizer moments, RNG states, controller K (flat keys)
     <dir>/state.json             step counters, optimizer param groups, LR scheduler, ...
 """
+
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from selora.io import atomic_dir, atomic_write_text
 from selora.methods import Adapters
@@ -33,8 +34,11 @@ STATE_JSON = "state.json"
 # -- adapters -----------------------------------------------------------------------------------
 def adapter_tensors(adapters: Adapters) -> dict[str, torch.Tensor]:
     """``{"<layer>.lora_A": (r, in), "<layer>.lora_B": (out, r)[, "<layer>.lora_E": (r, 1)]}`` on the CPU."""
-    return {f"{name}.{key}": p.detach().cpu().contiguous()
-            for name, factors in adapters.factors().items() for key, p in factors.items()}
+    return {
+        f"{name}.{key}": p.detach().cpu().contiguous()
+        for name, factors in adapters.factors().items()
+        for key, p in factors.items()
+    }
 
 
 @torch.no_grad()
@@ -52,8 +56,9 @@ def load_adapter_tensors(adapters: Adapters, tensors: Mapping[str, torch.Tensor]
         raise ValueError(f"{where}: adapter tensors differ from the model (unknown {extra[:3]}, absent {lacking[:3]})")
     for key, p in expected.items():
         if tuple(tensors[key].shape) != tuple(p.shape):
-            raise ValueError(f"{where}: {key}: saved shape {tuple(tensors[key].shape)} does not fit the layer's "
-                             f"{tuple(p.shape)}")
+            raise ValueError(
+                f"{where}: {key}: saved shape {tuple(tensors[key].shape)} does not fit the layer's {tuple(p.shape)}"
+            )
     for key, p in expected.items():
         p.copy_(tensors[key])
 
@@ -144,7 +149,9 @@ def rng_states(generators: Mapping[str, torch.Generator]) -> tuple[dict[str, tor
     return tensors, meta
 
 
-def set_rng_states(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], generators: Mapping[str, torch.Generator]) -> None:
+def set_rng_states(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], generators: Mapping[str, torch.Generator]
+) -> None:
     """Restore what :func:`rng_states` saved."""
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():

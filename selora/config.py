@@ -10,6 +10,7 @@ is ``"no"``, not YAML's ``False``), a ``float`` key takes ints and ``1e-4``. Eve
 key, uncoercible value, value out of range, missing data root, a method that cannot train with the
 settings) is a one-line :class:`ConfigError` raised before any work starts.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,8 @@ class TrainConfig:
     # (RUF009: option() returns a dataclasses.field; a list default is copied per config)
     unet_targets: str | list[str] = option("paper-unet", "inject preset or module names for the UNet")  # noqa: RUF009
     text_encoder_targets: str | list[str] | None = option(  # noqa: RUF009
-        "paper-text-encoder", "preset/names for the text encoder (null: frozen)")
+        "paper-text-encoder", "preset/names for the text encoder (null: frozen)"
+    )
     start_rank: int = option(1, "SeLoRA initial rank", minimum=1)
     lora_rank: int = option(4, "LoRA rank", minimum=1)
     max_rank: int | None = option(None, "SeLoRA rank cap (null: min(in, out))", minimum=1)
@@ -87,7 +89,9 @@ class TrainConfig:
     seed: int = option(0, "seed of adapters, noise, data order and K", minimum=0)
     prompt_dropout: float = option(0.0, "probability of an empty prompt (classifier-free guidance)", minimum=0)
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (null: off)", minimum=0)
-    mixed_precision: str = option("no", "autocast dtype of the frozen models (GPU only)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = option(
+        "no", "autocast dtype of the frozen models (GPU only)", choices=("no", "fp16", "bf16")
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     num_workers: int = option(0, "DataLoader workers for the one-off preprocessing pass", minimum=0)
     # bookkeeping
@@ -95,12 +99,14 @@ class TrainConfig:
     eval_every: int = option(1, "evaluate every N epochs", minimum=1)
     num_samples: int = option(4, "images in the sample grid at each evaluation (0: none)", minimum=0)
     sample_prompts: list[str] | None = option(  # noqa: RUF009
-        None, "prompts of the sample grid (null: from the held-out split)")
+        None, "prompts of the sample grid (null: from the held-out split)"
+    )
     sample_steps: int = option(25, "denoising steps of the sample grid", minimum=1)
     guidance_scale: float = option(7.5, "classifier-free guidance of the sample grid", minimum=0)
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", minimum=1)
     debug_nan_steps: list[int] = option(  # noqa: RUF009
-        [], "TEST HOOK: make the loss NaN on these batches (1-based count of batches drawn)", minimum=1)
+        [], "TEST HOOK: make the loss NaN on these batches (1-based count of batches drawn)", minimum=1
+    )
     # provenance (not keys)
     source: str = field(default="<defaults>", compare=False)
     overrides: list[str] = field(default_factory=list, compare=False)
@@ -220,7 +226,9 @@ def _is_instance(value: Any, tp: Any) -> bool:
 def _check_rules(cfg: TrainConfig, where: str) -> None:
     """The cross-key rules and the method's own check (``Adapters.check_config``)."""
     if cfg.prompt_dropout > 1:
-        raise ConfigError(f"{where}: key 'prompt_dropout': expected a probability in [0, 1], got {cfg.prompt_dropout!r}")
+        raise ConfigError(
+            f"{where}: key 'prompt_dropout': expected a probability in [0, 1], got {cfg.prompt_dropout!r}"
+        )
     if cfg.model not in MODELS and not (Path(cfg.model) / "model_index.json").is_file():
         raise ConfigError(
             f"{where}: key 'model': expected {' or '.join(MODELS)} or a diffusers pipeline folder "
@@ -261,8 +269,12 @@ def _node_value(key: str, node: yaml.Node, loader: yaml.SafeLoader) -> Any:
     if isinstance(node, yaml.ScalarNode) and str in alts and node.tag != _NULL_TAG:
         return node.value
     if isinstance(node, yaml.SequenceNode) and list[str] in alts:
-        return [item.value if isinstance(item, yaml.ScalarNode) and item.tag != _NULL_TAG
-                else loader.construct_object(item, deep=True) for item in node.value]
+        return [
+            item.value
+            if isinstance(item, yaml.ScalarNode) and item.tag != _NULL_TAG
+            else loader.construct_object(item, deep=True)
+            for item in node.value
+        ]
     return loader.construct_object(node, deep=True)
 
 

@@ -5,11 +5,12 @@ and the noise-prediction loss (paper Sec. 4).
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps                   (DDPM forward process)
     loss = || eps_theta(z_t, t, c) - eps ||^2                       (mean over the batch)
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from selora.paths import cache_dir
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """Token ids ``(N, 77)``: padded to and truncated at ``tokenizer.model_max_length`` (start + 75 + end)."""
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def noise_scheduler(pipe):
@@ -48,9 +50,16 @@ def per_sample_errors(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (pred.float().cpu() - noise).pow(2).flatten(1).mean(1)
 
 
-def training_batch(data: EncodedSplit, idx: torch.Tensor, generator: torch.Generator, scheduler,
-                   empty_ids: torch.Tensor, prompt_dropout: float, part: slice = slice(None),
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_batch(
+    data: EncodedSplit,
+    idx: torch.Tensor,
+    generator: torch.Generator,
+    scheduler,
+    empty_ids: torch.Tensor,
+    prompt_dropout: float,
+    part: slice = slice(None),
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training batch ``(noisy latents, t, ids, target noise)`` for the data-set indices ``idx`` (N,).
 
     Every random draw is made for the WHOLE batch from ``generator`` (a latent sample of the cached
@@ -72,8 +81,11 @@ def training_batch(data: EncodedSplit, idx: torch.Tensor, generator: torch.Gener
 
 
 @torch.no_grad()
-def vae_posterior(vae: nn.Module, images: torch.Tensor, chunk: int = 16,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_posterior(
+    vae: nn.Module,
+    images: torch.Tensor,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscaled posterior ``(mean, std)`` ``(N, 4, h, w)`` of ``images`` ``(N, C, R, R)`` in [-1, 1], on the CPU.
 
     Grayscale images are repeated to the VAE's input channels.
@@ -116,8 +128,9 @@ def fingerprint(images: torch.Tensor, vae: nn.Module) -> str:
 
 
 @torch.no_grad()
-def encode_split(ds, vae: nn.Module, tokenizer, num_workers: int = 0, tag: str = "split", chunk: int = 16,
-                 keep_images: bool = False) -> EncodedSplit:
+def encode_split(
+    ds, vae: nn.Module, tokenizer, num_workers: int = 0, tag: str = "split", chunk: int = 16, keep_images: bool = False
+) -> EncodedSplit:
     """VAE posterior of every image of data set ``ds`` (cached in ``cache_dir("latents")``) and the
     prompts' token ids (:func:`tokenize`)."""
     from torch.utils.data import DataLoader
@@ -135,5 +148,6 @@ def encode_split(ds, vae: nn.Module, tokenizer, num_workers: int = 0, tag: str =
         mean, std = vae_posterior(vae, stack, chunk)
         atomic_save_safetensors({"mean": mean.contiguous(), "std": std.contiguous()}, path)
     scale = float(vae.config.scaling_factor)
-    return EncodedSplit(mean * scale, std * scale, tokenize(tokenizer, prompts), prompts,
-                        stack if keep_images else None)
+    return EncodedSplit(
+        mean * scale, std * scale, tokenize(tokenizer, prompts), prompts, stack if keep_images else None
+    )

@@ -1,4 +1,5 @@
 """Processes and devices: THE device choice, and the torchrun process group (gloo on CPU, NCCL on GPU)."""
+
 from __future__ import annotations
 
 import os

@@ -20,6 +20,7 @@ Trainable parameters are the adapters of the evaluated checkpoint (SeLoRA: at it
 AdaLoRA: its allocated initial-rank tensors), absolute and as a fraction of the frozen UNet + text
 encoder. Exit codes: 0 done, 1 a run stopped on non-finite losses, 2 bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,10 @@ def check_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     saved, now = run_config(run_dir).to_dict(), cfg.to_dict()
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
-        raise ConfigError(f"{run_dir.name}: trained with a different config ({diff[0]}: {saved.get(diff[0])!r} there, "
-                          f"{now[diff[0]]!r} now); use a new --out")
+        raise ConfigError(
+            f"{run_dir.name}: trained with a different config ({diff[0]}: {saved.get(diff[0])!r} there, "
+            f"{now[diff[0]]!r} now); use a new --out"
+        )
 
 
 def train_run(cfg: TrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -105,15 +108,24 @@ def held_out_split(cfg: TrainConfig, limit: int | None) -> tuple[list[str], torc
     return [it["prompt"] for it in items], torch.stack([it["image"].float() for it in items])
 
 
-def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int | None = None, batch: int = 8,
-                 progress: bool = True) -> dict[str, Any]:
+def evaluate_run(
+    cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int | None = None, batch: int = 8, progress: bool = True
+) -> dict[str, Any]:
     """Train, sample the test split and score one (method, seed); writes ``run_dir/evaluation.json``."""
     timing = train_run(cfg, run_dir, progress)
     _, pipe = load_run(run_dir, adapters="best")
     prompts, real = held_out_split(cfg, limit)
     start = time.perf_counter()
-    images = generate(pipe, prompts, cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
-                      seed=cfg.seed * SAMPLE_SEED_STRIDE, batch=batch, progress=progress)
+    images = generate(
+        pipe,
+        prompts,
+        cfg.resolution,
+        cfg.sample_steps,
+        cfg.guidance_scale,
+        seed=cfg.seed * SAMPLE_SEED_STRIDE,
+        batch=batch,
+        progress=progress,
+    )
     sample_seconds = time.perf_counter() - start
     image_grid(images, prompts, cols=min(8, len(images))).save(run_dir / "test-samples.png")
     generated = images_from_pil(images)
@@ -124,12 +136,20 @@ def evaluate_run(cfg: TrainConfig, run_dir: Path, metrics: MetricFn, limit: int 
     ranks = json.loads((run_dir / "best" / "ranks.json").read_text(encoding="utf-8"))
     counts = adapter_counts(read_adapters(adapters_path(run_dir, "best")), pipe)  # the adapters load_run loaded
     result = {
-        "method": cfg.method, "seed": cfg.seed, "run_dir": f"runs/{run_dir.name}",
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "run_dir": f"runs/{run_dir.name}",
         "metrics": {k: float(v) for k, v in scores.items()},
-        "trainable": counts["total"]["trainable"], "trainable_fraction": counts["total"]["fraction"],
-        "parameters": counts, "total_rank": sum(ranks.values()), "ranks": ranks,
+        "trainable": counts["total"]["trainable"],
+        "trainable_fraction": counts["total"]["fraction"],
+        "parameters": counts,
+        "total_rank": sum(ranks.values()),
+        "ranks": ranks,
         "best": {"epoch": state["epoch"], "step": state["step"], "eval_loss": state["eval_loss"]},
-        "num_test_images": len(prompts), "prompts": prompts, **timing, "sample_seconds": sample_seconds,
+        "num_test_images": len(prompts),
+        "prompts": prompts,
+        **timing,
+        "sample_seconds": sample_seconds,
     }
     atomic_write_text(run_dir / RUN_RESULT, json.dumps(result, indent=1))
     return result
@@ -159,13 +179,26 @@ def summary_table(summary: dict[str, dict[str, Any]], reference: dict[str, dict[
     below the methods with their metrics only.
     """
     keys = list(next(iter(summary.values()))["metrics"])
-    head = ["method", "seeds", *(LABELS.get(k, k) for k in keys), "trainable params", "% of base",
-            "total rank", "train time (s)"]
+    head = [
+        "method",
+        "seeds",
+        *(LABELS.get(k, k) for k in keys),
+        "trainable params",
+        "% of base",
+        "total rank",
+        "train time (s)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, row in summary.items():
-        cells = [method, ",".join(map(str, row["seeds"])), *(_pm(row["metrics"][k], 2) for k in keys),
-                 f"{row['trainable']['mean']:,.0f}", f"{100 * row['trainable_fraction']['mean']:.3f}",
-                 f"{row['total_rank']['mean']:.0f}", f"{row['train_seconds']['mean']:.0f}"]
+        cells = [
+            method,
+            ",".join(map(str, row["seeds"])),
+            *(_pm(row["metrics"][k], 2) for k in keys),
+            f"{row['trainable']['mean']:,.0f}",
+            f"{100 * row['trainable_fraction']['mean']:.3f}",
+            f"{row['total_rank']['mean']:.0f}",
+            f"{row['train_seconds']['mean']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for label, values in (reference or {}).items():
         missing = [k for k in keys if k not in values]
@@ -179,25 +212,38 @@ def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the per-method table (mean ± std over seeds) and the provenance."""
     summary, prov = results["summary"], results["provenance"]
     lines = [summary_table(summary)]
-    note = ("Offline profile: proxy metrics, not comparable with the paper's FID / CLIP score."
-            if prov["profile"] == "offline" else "Paper profile: FID and CLIP score.")
+    note = (
+        "Offline profile: proxy metrics, not comparable with the paper's FID / CLIP score."
+        if prov["profile"] == "offline"
+        else "Paper profile: FID and CLIP score."
+    )
     git = prov["git"] or {}
     info = [
         f"- profile: {prov['profile']} ({note})",
-        f"- base model: {prov['model']['model']} (" + (f"hub id {prov['model']['hub_id']})" if "hub_id" in prov["model"]
-                                                      else f"folder sha256 {prov['model']['sha256']})"),
+        f"- base model: {prov['model']['model']} ("
+        + (
+            f"hub id {prov['model']['hub_id']})"
+            if "hub_id" in prov["model"]
+            else f"folder sha256 {prov['model']['sha256']})"
+        ),
         f"- data: {prov['dataset']}, sha256 {prov['data_sha256']}",
         f"- seeds: {', '.join(map(str, prov['seeds']))}; test images per run: {prov['num_test_images']}",
         f"- git commit: {git.get('commit', 'unknown')}" + (" (uncommitted changes)" if git.get("dirty") else ""),
         f"- metrics: {json.dumps(prov['metrics'])}",
         "- mean ± sample std over seeds; trainable parameters = adapters of the evaluated (best) checkpoint",
     ]
-    return "# Results: methods × seeds on the test split\n\n" + "\n".join(lines) + "\n\n## Provenance\n\n" + \
-        "\n".join(info) + "\n"
+    return (
+        "# Results: methods × seeds on the test split\n\n"
+        + "\n".join(lines)
+        + "\n\n## Provenance\n\n"
+        + "\n".join(info)
+        + "\n"
+    )
 
 
-def run_configs(config: str, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
-                ) -> dict[tuple[str, int], TrainConfig]:
+def run_configs(
+    config: str, overrides: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
+) -> dict[tuple[str, int], TrainConfig]:
     """The validated config of every (method, seed); every problem is a ConfigError before any work."""
     taken = [o for o in overrides if o.partition("=")[0].strip() in ("method", "seed")]
     if taken:
@@ -210,9 +256,17 @@ def run_configs(config: str, overrides: Sequence[str], methods: Sequence[str], s
     return {(m, s): load_config(config, [*overrides, f"method={m}", f"seed={s}"]) for m in methods for s in seeds}
 
 
-def run_experiment(methods: Sequence[str], seeds: Sequence[int], out: Path | str, config: str = "montgomery-offline",
-                   overrides: Sequence[str] = (), limit: int | None = None, batch: int = 8,
-                   metrics: MetricFn | None = None, progress: bool = True) -> dict[str, Any]:
+def run_experiment(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path | str,
+    config: str = "montgomery-offline",
+    overrides: Sequence[str] = (),
+    limit: int | None = None,
+    batch: int = 8,
+    metrics: MetricFn | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Every (method, seed) through :func:`evaluate_run`, then ``results.json`` and ``results.md`` in ``out``.
 
     ``metrics`` defaults to :func:`selora.metrics.evaluate` of the active profile. A run whose
@@ -237,8 +291,11 @@ def run_experiment(methods: Sequence[str], seeds: Sequence[int], out: Path | str
             continue
         runs.append(evaluate_run(cfg, run_dir, metrics, limit, batch, progress))
     first = next(iter(configs.values()))
-    results = {"provenance": provenance(first, methods, seeds, config, overrides, limit),
-               "summary": summarise(runs, methods), "runs": runs}
+    results = {
+        "provenance": provenance(first, methods, seeds, config, overrides, limit),
+        "summary": summarise(runs, methods),
+        "runs": runs,
+    }
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=1))
     atomic_write_text(out / RESULTS_MD, markdown(results))
     return results
@@ -252,8 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--out", type=Path, required=True, help="experiment folder (created; re-runs continue it)")
     ap.add_argument("--config", default="montgomery-offline", help="config file or shipped name")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key for every run (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every run (repeatable)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N test images (smoke runs)")
     ap.add_argument("--batch", type=int, default=8, help="images generated per pipeline call")
     ap.add_argument("--no-progress", action="store_true")
@@ -262,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_list(args.methods, "--methods")
         seeds = parse_list(args.seeds, "--seeds", int)
         set_threads()
-        results = run_experiment(methods, seeds, args.out, args.config, args.overrides, args.limit, args.batch,
-                                 progress=not args.no_progress)
+        results = run_experiment(
+            methods, seeds, args.out, args.config, args.overrides, args.limit, args.batch, progress=not args.no_progress
+        )
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -271,8 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print((args.out / RESULTS_MD).read_text(encoding="utf-8"))
-    print(json.dumps({m: {k: round(v["mean"], 4) for k, v in row["metrics"].items()}
-                      for m, row in results["summary"].items()}))
+    print(
+        json.dumps(
+            {m: {k: round(v["mean"], 4) for k, v in row["metrics"].items()} for m, row in results["summary"].items()}
+        )
+    )
     return 0
 
 

@@ -4,9 +4,11 @@ Extra metrics (FID, CLIP score, the offline proxies) are ``name -> fn(images, pr
 with the grid's PIL images, their prompts and the real images ``(n, 1, H, W)`` in [-1, 1]; they are
 computed when the grid shows held-out prompts (real images known) and has at least 2 images.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,14 +77,28 @@ class Evaluator:
         tr = self.trainer
         cfg, at = tr.cfg, tr.at
         tr.adapters.eval()
-        record: dict[str, Any] = {"kind": "eval", "step": at.step, "epoch": at.epoch, "eval_loss": self.eval_loss(),
-                                  "total_rank": tr.total_rank(), **tr.parameter_counts()}
+        record: dict[str, Any] = {
+            "kind": "eval",
+            "step": at.step,
+            "epoch": at.epoch,
+            "eval_loss": self.eval_loss(),
+            "total_rank": tr.total_rank(),
+            **tr.parameter_counts(),
+        }
         if tr.dist.main and cfg.num_samples > 0:
             prompts, real = self.sample_prompts()
             dev = tr.dist.device
             with torch.autocast(dev.type, dtype=tr.autocast, enabled=tr.autocast is not None):
-                images = generate(tr.pipe, prompts, cfg.resolution, cfg.sample_steps, cfg.guidance_scale,
-                                  seed=cfg.seed, batch=len(prompts), progress=False)
+                images = generate(
+                    tr.pipe,
+                    prompts,
+                    cfg.resolution,
+                    cfg.sample_steps,
+                    cfg.guidance_scale,
+                    seed=cfg.seed,
+                    batch=len(prompts),
+                    progress=False,
+                )
             out = tr.run_dir / SAMPLES
             out.mkdir(exist_ok=True)
             image_grid(images, prompts).save(out / f"epoch-{at.epoch:03d}.png")

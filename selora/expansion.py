@@ -13,6 +13,7 @@ step scores each layer (Eq. 3-5), expands where FI_exp / FI_orig >= threshold an
 rank < max_rank, installing the K that was scored (Eq. 2), disarms, and swaps the grown
 parameters into the optimizer (:mod:`selora.optim`). Unarmed layers pay one ``is None`` check.
 """
+
 from __future__ import annotations
 
 import math

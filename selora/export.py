@@ -22,6 +22,7 @@ as a PEFT ``LoraConfig`` (``r``/``lora_alpha`` = the most common values, ``rank_
 Both layouts store ``lora_A`` as ``(r, in_features)`` and ``lora_B`` as ``(out_features, r)``, the
 layout of :class:`selora.LoRALinear`, so export is a rename.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,6 +114,7 @@ def lora_config_kwargs(model: nn.Module) -> dict[str, Any]:
 
 def _scaling(config: Mapping[str, Any], name: str, rank: int) -> float:
     """s = lora_alpha / r of module ``name`` under a LoraConfig-like dict (PEFT's pattern rule)."""
+
     def lookup(pattern: Mapping[str, Any], default: Any) -> Any:
         for key, value in pattern.items():  # first match wins, as in peft.utils.other.get_pattern_key
             if re.match(rf"(.*\.)?({key})$", name):
@@ -188,7 +190,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118 (no __iter__)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: refused, expected a safetensors file (pickled weights are never loaded): {err}") from err
+        raise ValueError(
+            f"{path}: refused, expected a safetensors file (pickled weights are never loaded): {err}"
+        ) from err
 
 
 def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -208,7 +212,8 @@ def _split(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, tuple[t
         A, B = pair["lora_A"], pair["lora_B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(
-                f"{path}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in) and (out, r)"
+                f"{path}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                "are not (r, in) and (out, r)"
             )
     return {name: (pair["lora_A"], pair["lora_B"]) for name, pair in pairs.items()}
 
@@ -280,8 +285,9 @@ def _check(model: nn.Module, adapters: Adapters, source: str) -> dict[str, nn.Li
     return bases
 
 
-def load_selora(pipe_or_model: Any, path: str | Path, kind: str = "selora", component: str | None = None
-                ) -> dict[str, LoRALinear]:
+def load_selora(
+    pipe_or_model: Any, path: str | Path, kind: str = "selora", component: str | None = None
+) -> dict[str, LoRALinear]:
     """Load an export back into selora layers at the saved ranks and scalings (to inspect or train on).
 
     ``pipe_or_model``: a pipeline / ``{"unet": ..., "text_encoder": ...}`` (each component gets its
@@ -376,8 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="a training run directory (selora.train --out)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--adapters", choices=("best", "last"), default="best",
-                        help="the run's best adapters (lowest eval loss; default) or its last ones")
+    parser.add_argument(
+        "--adapters",
+        choices=("best", "last"),
+        default="best",
+        help="the run's best adapters (lowest eval loss; default) or its last ones",
+    )
     args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -405,4 +415,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -6,6 +6,7 @@ a new seed) and :func:`laterality_index` (does the side word move the change to 
 images: :func:`noise_prediction_errors`, the training loss under the true vs an altered prompt on
 identical noise. Images are ``(N, C, H, W)`` tensors in [-1, 1].
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,15 +19,22 @@ import torch
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-__all__ = ["PromptEffect", "laterality_index", "noise_prediction_errors", "prompt_effect", "rms_difference",
-           "side_fraction"]
+__all__ = [
+    "PromptEffect",
+    "laterality_index",
+    "noise_prediction_errors",
+    "prompt_effect",
+    "rms_difference",
+    "side_fraction",
+]
 
 
 # -- does the image follow the findings? ----------------------------------------------------------
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"images: expected two (N, C, H, W) tensors of one shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"images: expected two (N, C, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
 
 
 def rms_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,8 +73,13 @@ def laterality_index(left: torch.Tensor, right: torch.Tensor, normal: torch.Tens
     """
     _check_pair(left, normal)
     _check_pair(right, normal)
-    return np.asarray([side_fraction(left[i:i + 1], normal[i:i + 1], "left")
-                       - side_fraction(right[i:i + 1], normal[i:i + 1], "left") for i in range(normal.shape[0])])
+    return np.asarray(
+        [
+            side_fraction(left[i : i + 1], normal[i : i + 1], "left")
+            - side_fraction(right[i : i + 1], normal[i : i + 1], "left")
+            for i in range(normal.shape[0])
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,14 @@ def prompt_effect(normal: torch.Tensor, finding: torch.Tensor, control: torch.Te
 
 # -- does the model use the findings? (noise prediction with the true vs an altered prompt) -------
 @torch.no_grad()
-def noise_prediction_errors(pipe: StableDiffusionPipeline, images: torch.Tensor, prompts: Sequence[str],
-                            draws: int = 8, seed: int = 0, batch: int = 32) -> torch.Tensor:
+def noise_prediction_errors(
+    pipe: StableDiffusionPipeline,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    draws: int = 8,
+    seed: int = 0,
+    batch: int = 32,
+) -> torch.Tensor:
     """Noise-prediction MSE (the training loss) of ``pipe`` on real ``images`` under ``prompts``.
 
     images: ``(N, C, H, W)`` in [-1, 1] (C = 1 is repeated to the VAE's channels); returns ``(N, draws)``:
@@ -131,8 +150,9 @@ def noise_prediction_errors(pipe: StableDiffusionPipeline, images: torch.Tensor,
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((draws, *z0.shape), generator=gen)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (draws, z0.shape[0]), generator=gen)
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+    ids = tok(
+        list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     errors = torch.empty(z0.shape[0], draws, dtype=torch.float64)
     for idx in torch.arange(z0.shape[0]).split(batch):
         emb = pipe.text_encoder(ids[idx].to(dev))[0]

@@ -21,6 +21,7 @@ When the training loss is ``mean_i L_i`` (``loss_reduction="mean"``) the capture
 ``(1/N) dL_i/dy``, so the per-sample gradients are multiplied by N. A layer called several times in
 one forward contributes the SUM of its calls' per-sample gradients (squared afterwards).
 """
+
 from __future__ import annotations
 
 import math

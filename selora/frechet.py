@@ -4,6 +4,7 @@
 computes on Inception-v3 features (torchmetrics, :func:`selora.metrics.inception_fid`) and what the
 offline proxy computes on its own features (:func:`selora.proxies.fid_proxy`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """Put LoRA / SeLoRA adapters into any torch model's ``nn.Linear`` layers (paper Sec. 4.1)."""
+
 from __future__ import annotations
 
 import re

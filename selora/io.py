@@ -6,14 +6,15 @@ temporary and leaves whatever was at the final path untouched. ``tempfile`` crea
 private (0600/0700); the final mode is set explicitly (0644 files, 0755 folders by default:
 outputs of this package are meant to be shared).
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -62,8 +63,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> 
     return Path(path)
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None, mode: int = FILE_MODE) -> Path:
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    mode: int = FILE_MODE,
+) -> Path:
     """``safetensors.torch.save_file(tensors, path, metadata)`` atomically; return ``path``.
 
     Tensors must be contiguous (safetensors' own rule); ``metadata`` values are strings.

@@ -4,10 +4,12 @@ Layout follows PEFT so that export is a rename: ``lora_A`` has shape ``(r, in_fe
 ``lora_B`` has shape ``(out_features, r)``. In the paper's row-vector convention
 ``h = x W0 + x A B`` the same adapter reads ``A_paper = lora_A.T`` and ``B_paper = lora_B.T``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,7 @@ def kaiming_rows(rows: int, in_features: int, generator: torch.Generator | None 
 class Capture(Protocol):
     """What an armed layer calls in its forward (see :mod:`selora.fisher`)."""
 
-    def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None:
-        ...
+    def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None: ...
 
 
 class LoRALinear(nn.Module):
@@ -142,7 +143,9 @@ class SeLoRALinear(LoRALinear):
         return self._draw(k, generator)
 
     @torch.no_grad()
-    def expand(self, k: int = 1, generator: torch.Generator | None = None, K: torch.Tensor | None = None) -> torch.Tensor:
+    def expand(
+        self, k: int = 1, generator: torch.Generator | None = None, K: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Grow the rank by ``k``: ``A <- [A; K]``, ``B <- [B, 0]`` (Eq. 2); the output is unchanged.
 
         ``K`` ``(k, in_features)`` defaults to fresh Kaiming-uniform rows. ``lora_A`` and ``lora_B``

@@ -11,6 +11,7 @@
 :func:`evaluate` and :func:`trainer_metrics` pick a profile's two metrics. Images everywhere are
 model outputs: ``(N, 1, H, W)`` (or ``(N, 3, H, W)``) floats in [-1, 1].
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -29,8 +30,18 @@ from selora.tokenizer import CONTEXT_LENGTH
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CLIP_MODEL_ID", "INCEPTION_SIZE", "LABELS", "clip_score", "evaluate", "images_from_pil",
-           "inception_fid", "to_unit_rgb", "trainer_metrics", "truncate_prompts"]
+__all__ = [
+    "CLIP_MODEL_ID",
+    "INCEPTION_SIZE",
+    "LABELS",
+    "clip_score",
+    "evaluate",
+    "images_from_pil",
+    "inception_fid",
+    "to_unit_rgb",
+    "trainer_metrics",
+    "truncate_prompts",
+]
 
 INCEPTION_SIZE = 299  # Inception-v3 input side; images are resized to it explicitly (bilinear)
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"  # SD v1.5's text tower; torchmetrics' default
@@ -81,8 +92,9 @@ def inception_fid(real: Tensor, fake: Tensor, feature: int | nn.Module = 2048, b
     return float(fid.compute())
 
 
-def truncate_prompts(prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
-                     max_length: int = CONTEXT_LENGTH) -> list[str]:
+def truncate_prompts(
+    prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int = CONTEXT_LENGTH
+) -> list[str]:
     """Prompts cut to what the text encoder saw in training: ``max_length`` tokens incl. start/end.
 
     Prompts that fit are returned unchanged; longer ones are re-decoded from their first
@@ -137,8 +149,11 @@ def clip_score(
         pix = processor(images=list(rgb), return_tensors="pt")["pixel_values"].to(device)
         tok = processor(text=texts[start : start + batch_size], return_tensors="pt", padding=True)
         img = _embedding(model.get_image_features(pixel_values=pix))
-        txt = _embedding(model.get_text_features(input_ids=tok["input_ids"].to(device),
-                                                 attention_mask=tok["attention_mask"].to(device)))
+        txt = _embedding(
+            model.get_text_features(
+                input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+            )
+        )
         scores.append(100 * F.cosine_similarity(img.float(), txt.float(), dim=-1))
     return max(float(torch.cat(scores).mean()), 0.0)
 
@@ -159,11 +174,15 @@ def _metric_fns(profile: str | None) -> dict[str, Callable[[Tensor, list[str], T
     """``name -> fn(generated, prompts, reference)`` for ``profile`` (default: the active one)."""
     name = profile or active_profile()
     if name == "paper":
-        return {"fid": lambda gen, prompts, real: inception_fid(real, gen),
-                "clip_score": lambda gen, prompts, real: clip_score(gen, prompts)}
+        return {
+            "fid": lambda gen, prompts, real: inception_fid(real, gen),
+            "clip_score": lambda gen, prompts, real: clip_score(gen, prompts),
+        }
     if name == "offline":
-        return {"fid_proxy": lambda gen, prompts, real: fid_proxy(real, gen),
-                "alignment_proxy": lambda gen, prompts, real: alignment_proxy(gen, prompts)}
+        return {
+            "fid_proxy": lambda gen, prompts, real: fid_proxy(real, gen),
+            "alignment_proxy": lambda gen, prompts, real: alignment_proxy(gen, prompts),
+        }
     raise ValueError(f"profile={name!r}: expected 'offline' or 'paper'")
 
 
@@ -178,5 +197,7 @@ def images_from_pil(images: Sequence) -> Tensor:
 def trainer_metrics(profile: str | None = None) -> dict[str, Callable[[list, list[str], Tensor], float]]:
     """The profile's two metrics as ``name -> fn(PIL images, prompts, real (n, 1, H, W)) -> float``,
     the form of :data:`selora.evaluation.MetricFn` (the trainer's per-epoch metrics); names are :data:`LABELS` keys."""
-    return {name: (lambda ims, prompts, real, fn=fn: fn(images_from_pil(ims), list(prompts), real))
-            for name, fn in _metric_fns(profile).items()}
+    return {
+        name: (lambda ims, prompts, real, fn=fn: fn(images_from_pil(ims), list(prompts), real))
+        for name, fn in _metric_fns(profile).items()
+    }

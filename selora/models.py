@@ -6,6 +6,7 @@ Hugging Face hub; ``stable-diffusion-v1-5/stable-diffusion-v1-5`` is the maintai
 same weights. The offline model is a genuine diffusers pipeline folder in ``selora/assets/mini-sd/``
 (built by ``scripts/build_mini_sd.py``) and is loaded with the hub switched off.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,8 +61,10 @@ def load_pipeline(
     if model is None:
         model = PROFILE_MODELS[active_profile()]
     if model in PROFILES:
-        raise ValueError(f"model {model!r}: expected a model name ({', '.join(PROFILE_MODELS.values())}) "
-                         f"or a pipeline folder, not a profile name; the profile's model is {PROFILE_MODELS[model]!r}")
+        raise ValueError(
+            f"model {model!r}: expected a model name ({', '.join(PROFILE_MODELS.values())}) "
+            f"or a pipeline folder, not a profile name; the profile's model is {PROFILE_MODELS[model]!r}"
+        )
     source, local = model_source(model)
     pipe = StableDiffusionPipeline.from_pretrained(
         source,

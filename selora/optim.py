@@ -1,7 +1,8 @@
 """Optimizer surgery after an expansion: swap grown parameters in place, keep their state."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -56,8 +57,7 @@ def replace_parameters(optimizer: torch.optim.Optimizer, mapping: Mapping[nn.Par
             state = optimizer.state.pop(old, None)
             if state:
                 optimizer.state[new] = {
-                    k: _pad(v, new.shape) if k in keys and isinstance(v, torch.Tensor) else v
-                    for k, v in state.items()
+                    k: _pad(v, new.shape) if k in keys and isinstance(v, torch.Tensor) else v for k, v in state.items()
                 }
     if todo:
         shapes = [tuple(old.shape) for old, _ in todo.values()]

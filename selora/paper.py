@@ -4,6 +4,7 @@ Nothing here is computed: these are the published values, so the book can put th
 runs (always separated and labelled "(paper, Table 1)"). Each metric is ``(mean, std)`` over the
 paper's 3 seeds; FID lower is better, CLIP score higher is better.
 """
+
 from __future__ import annotations
 
 #: Table 1: ``{dataset: {method: {"fid": (mean, std), "clip": (mean, std)}}}``.

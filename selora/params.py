@@ -6,6 +6,7 @@ qualified name: ``unet.…``, ``text_encoder.…``). The per-component reports a
 :func:`trainable_counts` (a model's adapters at their current ranks against LoRA at a fixed rank)
 and :func:`adapter_counts` (a saved checkpoint's adapters against the frozen base).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,8 +18,7 @@ from torch import nn
 from selora.layers import lora_layers
 from selora.pipeline import COMPONENTS
 
-__all__ = ["ADAPTER_KEYS", "ParameterCount", "adapter_counts", "count_parameters", "per_component",
-           "trainable_counts"]
+__all__ = ["ADAPTER_KEYS", "ParameterCount", "adapter_counts", "count_parameters", "per_component", "trainable_counts"]
 
 #: Adapter parameters by name fragment (PEFT AdaLoRA's ``ranknum`` is a frozen bookkeeping scalar).
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_E", "ranknum")
@@ -69,8 +69,9 @@ def per_component(sizes: Iterable[tuple[str, int]], components: Sequence[str] = 
     return out
 
 
-def trainable_counts(model: nn.Module, lora_rank: int = 4,
-                     components: Sequence[str] = COMPONENTS) -> dict[str, dict[str, int]]:
+def trainable_counts(
+    model: nn.Module, lora_rank: int = 4, components: Sequence[str] = COMPONENTS
+) -> dict[str, dict[str, int]]:
     """Adapter parameters per component for the model's current ranks and for LoRA at ``lora_rank``.
 
     An adapter of rank r on a ``d_in -> d_out`` layer has r (d_in + d_out) parameters
@@ -87,8 +88,9 @@ def trainable_counts(model: nn.Module, lora_rank: int = 4,
     return {c: {"selora": grown[c], "lora": lora[c]} for c in grown}
 
 
-def adapter_counts(tensors: Mapping[str, torch.Tensor], model: object,
-                   components: Sequence[str] = COMPONENTS) -> dict[str, dict[str, int | float]]:
+def adapter_counts(
+    tensors: Mapping[str, torch.Tensor], model: object, components: Sequence[str] = COMPONENTS
+) -> dict[str, dict[str, int | float]]:
     """Trainable (adapter) and frozen base parameters per component and in ``total``.
 
     ``tensors``: a checkpoint's adapter tensors ``{"<component>.<layer>.lora_A": (r, in), …}``

@@ -2,6 +2,7 @@
 
 Paths are resolved from the package location or environment variables, never hard-coded.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """A Stable Diffusion pipeline as the trainer sees it: UNet + text encoder as one module, with a
 method's adapters put in (never the VAE)."""
+
 from __future__ import annotations
 
 import torch

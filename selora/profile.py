@@ -4,6 +4,7 @@ One code path serves both; only where weights and data come from differs.
 ``SELORA_PROFILE`` wins; otherwise ``paper`` when CUDA is available, else ``offline``.
 The offline profile never downloads anything.
 """
+
 from __future__ import annotations
 
 import os

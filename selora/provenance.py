@@ -3,6 +3,7 @@ base-model digests, the metric weights, the resolved config and the library vers
 
 Everything returned is JSON-ready and free of absolute paths (:func:`provenance`).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -60,6 +61,7 @@ def git_commit() -> dict[str, Any] | None:
     root = repo_root()
     if root is None:
         return None
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True, timeout=30)
 
@@ -83,10 +85,11 @@ def model_provenance(cfg: TrainConfig) -> dict[str, Any]:
 def metric_provenance(profile: str) -> dict[str, Any]:
     """Which weights the metrics used: the shipped proxies' content hashes, or the paper's models."""
     if profile == "offline":
-        return {kind: {"label": LABELS[key], "fingerprint": load_proxy(kind).fingerprint}
-                for kind, key in (("frechet", "fid_proxy"), ("alignment", "alignment_proxy"))}
-    return {"fid": "torchmetrics FrechetInceptionDistance(feature=2048), 299 px bilinear",
-            "clip_score": CLIP_MODEL_ID}
+        return {
+            kind: {"label": LABELS[key], "fingerprint": load_proxy(kind).fingerprint}
+            for kind, key in (("frechet", "fid_proxy"), ("alignment", "alignment_proxy"))
+        }
+    return {"fid": "torchmetrics FrechetInceptionDistance(feature=2048), 299 px bilinear", "clip_score": CLIP_MODEL_ID}
 
 
 def _portable(value: Any) -> Any:
@@ -94,21 +97,40 @@ def _portable(value: Any) -> Any:
     return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
 
 
-def provenance(cfg: TrainConfig, methods: Sequence[str], seeds: Sequence[int], config: str,
-               overrides: Sequence[str], limit: int | None) -> dict[str, Any]:
+def provenance(
+    cfg: TrainConfig,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    config: str,
+    overrides: Sequence[str],
+    limit: int | None,
+) -> dict[str, Any]:
     """Everything needed to say where the numbers come from (no absolute paths)."""
     name = active_profile()
     values = {k: _portable(v) for k, v in cfg.to_dict().items() if k not in ("method", "seed")}
     overrides = [f"{k}={_portable(v)}" for k, _, v in (o.partition("=") for o in overrides)]
     return {
-        "profile": name, "model": model_provenance(cfg), "dataset": cfg.dataset, "data_sha256": data_sha256(cfg),
-        "methods": list(methods), "seeds": list(seeds), "config": Path(config).name, "overrides": list(overrides),
-        "resolved_config": values, "num_test_images": min(len(open_dataset(cfg, "test")), limit or math.inf),
+        "profile": name,
+        "model": model_provenance(cfg),
+        "dataset": cfg.dataset,
+        "data_sha256": data_sha256(cfg),
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "config": Path(config).name,
+        "overrides": list(overrides),
+        "resolved_config": values,
+        "num_test_images": min(len(open_dataset(cfg, "test")), limit or math.inf),
         "metrics": metric_provenance(name),
         "git": git_commit(),
-        "versions": {"selora": selora.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
-        "device": default_device().type, "threads": torch.get_num_threads(),
+        "versions": {
+            "selora": selora.__version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
+        "device": default_device().type,
+        "threads": torch.get_num_threads(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -8,6 +8,7 @@ Their numbers are always labelled "proxy" (:data:`selora.metrics.LABELS`) and ar
 with the paper's FID / CLIP score. Images everywhere are model outputs: ``(N, 1, H, W)`` (or
 ``(N, 3, H, W)``) floats in [-1, 1], checked by :func:`check_images` (shared with :mod:`selora.metrics`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,21 @@ from selora.io import atomic_save_safetensors
 from selora.paths import ASSETS_DIR
 from selora.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE, load_clip_tokenizer
 
-__all__ = ["PROXIES", "PROXY_DIR", "PROXY_SIZE", "AlignmentProxy", "ConvEncoder", "FrechetProxy", "alignment_proxy",
-           "check_images", "fid_proxy", "hashed_ngrams", "load_proxy", "proxy_features", "save_proxy"]
+__all__ = [
+    "PROXIES",
+    "PROXY_DIR",
+    "PROXY_SIZE",
+    "AlignmentProxy",
+    "ConvEncoder",
+    "FrechetProxy",
+    "alignment_proxy",
+    "check_images",
+    "fid_proxy",
+    "hashed_ngrams",
+    "load_proxy",
+    "proxy_features",
+    "save_proxy",
+]
 
 PROXY_DIR = ASSETS_DIR / "proxies"
 PROXY_SIZE = 64  # the offline resolution the proxies are trained at
@@ -68,8 +82,13 @@ class ConvEncoder(nn.Module):
         if x.shape[1] == 3:
             x = x.mean(1, keepdim=True)
         if tuple(x.shape[-2:]) != (PROXY_SIZE, PROXY_SIZE):
-            x = F.interpolate(x, size=(PROXY_SIZE, PROXY_SIZE), mode="bilinear",
-                              antialias=x.shape[-1] > PROXY_SIZE, align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(PROXY_SIZE, PROXY_SIZE),
+                mode="bilinear",
+                antialias=x.shape[-1] > PROXY_SIZE,
+                align_corners=False,
+            )
         return self.net(x.clamp(-1, 1))
 
 
@@ -163,8 +182,10 @@ def save_proxy(model: nn.Module, path: Path, provenance: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "config": json.dumps(model.config), "provenance": json.dumps(provenance, sort_keys=True)}
-    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+    }
     return atomic_save_safetensors(state, path, meta)
 
 

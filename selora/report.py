@@ -4,6 +4,7 @@ layer names and kinds, and the Fig. 3 grid of final ranks.
 Everything here reads what a training run writes (``selora.rundir.read_records(run_dir)``, final
 ``ranks.json``), so it is cheap and testable without a model.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,8 +85,11 @@ def short_name(layer: str) -> str:
     sub = re.search(r"(?:attentions|resnets)\.(\d+)", rest)
     if sub:
         where += f".{sub.group(1)}"
-    leaf = re.search(r"(attn[12]\.to_\w+|ff\.net\.[02](?:\.proj)?|proj_in|proj_out|time_emb_proj|linear_\d)"
-                     r"(?:\.0)?$", rest)
+    leaf = re.search(
+        r"(attn[12]\.to_\w+|ff\.net\.[02](?:\.proj)?|proj_in|proj_out|time_emb_proj|linear_\d)"
+        r"(?:\.0)?$",
+        rest,
+    )
     return f"U {where} {leaf.group(1) if leaf else rest}".replace("  ", " ")
 
 
@@ -119,8 +123,25 @@ def rank_by_kind(final_ranks: Mapping[str, int]) -> dict[str, float]:
     return dict(sorted(means.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-KIND_ORDER = ("text q", "text k", "text v", "text out", "text mlp", "attn1 q", "attn1 k", "attn1 v", "attn1 out",
-              "attn2 q", "attn2 k", "attn2 v", "attn2 out", "ff", "proj in/out", "time", "other")
+KIND_ORDER = (
+    "text q",
+    "text k",
+    "text v",
+    "text out",
+    "text mlp",
+    "attn1 q",
+    "attn1 k",
+    "attn1 v",
+    "attn1 out",
+    "attn2 q",
+    "attn2 k",
+    "attn2 v",
+    "attn2 out",
+    "ff",
+    "proj in/out",
+    "time",
+    "other",
+)
 
 
 def rank_grid(final_ranks: Sequence[Mapping[str, int]]) -> tuple[list[str], list[str], np.ndarray]:

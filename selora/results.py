@@ -10,15 +10,17 @@ without a checkout); ``load`` reads them back::
     python -m selora.evaluate --methods selora,lora,adalora,dylora --seeds 0,1,2 --out EXP
     python -m selora.results publish EXP table1          # -> selora/assets/results/table1/
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -90,8 +92,9 @@ class Experiment:
                 out[r["seed"]] = r[key]
             else:
                 numbers = sorted(k for k, v in r.items() if isinstance(v, (int, float)))
-                raise KeyError(f"{self.root.name}: {key!r} is neither a metric {sorted(r['metrics'])} "
-                               f"nor a run number {numbers}")
+                raise KeyError(
+                    f"{self.root.name}: {key!r} is neither a metric {sorted(r['metrics'])} nor a run number {numbers}"
+                )
         return out
 
     def final_ranks(self, method: str = "selora") -> dict[int, dict[str, int]]:

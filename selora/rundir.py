@@ -1,10 +1,11 @@
 """A training run's folder: its layout, its records, and loading a finished run for sampling.
 
-    config.yaml            the resolved config          metrics.jsonl      train/eval records
-    rank_history.jsonl     step -> rank per layer       samples/           grids per evaluation
-    checkpoints/last/      resumable state              best/              best adapters (eval loss)
-    adapters.safetensors   final adapters               ranks.json         final layer -> rank
+config.yaml            the resolved config          metrics.jsonl      train/eval records
+rank_history.jsonl     step -> rank per layer       samples/           grids per evaluation
+checkpoints/last/      resumable state              best/              best adapters (eval loss)
+adapters.safetensors   final adapters               ranks.json         final layer -> rank
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,11 @@ def read_records(run_dir: Path | str) -> dict[str, list[dict]]:
     run_dir = Path(run_dir)
     metrics = [json.loads(x) for x in (run_dir / METRICS).read_text(encoding="utf-8").splitlines()]
     history = [json.loads(x) for x in (run_dir / RANK_HISTORY).read_text(encoding="utf-8").splitlines()]
-    return {"train": [r for r in metrics if r["kind"] == "train"], "eval": [r for r in metrics if r["kind"] == "eval"],
-            "ranks": history}
+    return {
+        "train": [r for r in metrics if r["kind"] == "train"],
+        "eval": [r for r in metrics if r["kind"] == "eval"],
+        "ranks": history,
+    }
 
 
 def run_config(run_dir: Path | str) -> TrainConfig:

@@ -8,14 +8,15 @@ Writes ``NNN.png`` per image, ``grid.png`` (prompts underneath) and ``prompts.js
 generator seed ``seed + i``, so an image does not depend on the batch size. A prompts file holds
 one prompt per line (blank lines and lines starting with ``#`` are skipped) or a JSON list.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -44,8 +45,15 @@ def generate(
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
         chunk = list(prompts[start : start + batch])
         gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(chunk))]
-        out = pipe(chunk, height=resolution, width=resolution, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gens, output_type="pil")
+        out = pipe(
+            chunk,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            output_type="pil",
+        )
         images.extend(out.images)
     return images
 
@@ -141,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     prompts = prompts[: args.limit] if args.limit else prompts
-    images = generate(pipe, prompts, cfg.resolution, args.steps, args.guidance, args.seed, args.batch,
-                      progress=not args.no_progress)
+    images = generate(
+        pipe, prompts, cfg.resolution, args.steps, args.guidance, args.seed, args.batch, progress=not args.no_progress
+    )
     out = args.out or args.run / "samples" / (name + ("-merged" if args.merged else ""))
     grid = save_samples(images, prompts, out)
     print(f"wrote {len(images)} images and {grid.name} to {out}")

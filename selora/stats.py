@@ -6,6 +6,7 @@ compare every function here with ``scipy.stats``. The Student-t distribution is 
 regularised incomplete beta function (a continued fraction), its quantile by bisection; both agree
 with scipy to a relative 1e-10 up to 1e5 degrees of freedom (beyond, ``lgamma`` cancellation costs digits).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def paired_gap(worse: torch.Tensor, better: torch.Tensor) -> tuple[float, float]
     """Mean and standard error over images of ``worse - better`` (each ``(N,)`` or ``(N, draws)``,
     averaged over draws first): the paired difference of two conditions on the same images."""
     if worse.shape != better.shape or worse.shape[0] < 2:
-        raise ValueError(f"expected two tensors of one shape with >= 2 images, got {tuple(worse.shape)} "
-                         f"and {tuple(better.shape)}")
+        raise ValueError(
+            f"expected two tensors of one shape with >= 2 images, got {tuple(worse.shape)} and {tuple(better.shape)}"
+        )
     diff = (worse.double() - better.double()).reshape(worse.shape[0], -1).mean(1)
     return mean_and_se(diff.numpy())
 
@@ -222,7 +224,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     def average_ranks(v: np.ndarray) -> np.ndarray:
         order = np.argsort(v, kind="mergesort")
         sorted_v = v[order]
-        first = np.r_[True, sorted_v[1:] != sorted_v[:-1]]      # start of each run of equal values
+        first = np.r_[True, sorted_v[1:] != sorted_v[:-1]]  # start of each run of equal values
         group = np.cumsum(first) - 1
         starts = np.r_[np.flatnonzero(first), len(v)]
         ranks = np.empty(len(v))

@@ -14,6 +14,7 @@ One known difference to CLIP's original tokenizer: it also runs ``ftfy.fix_text`
 ``html.unescape`` on the text (``"&amp;"`` becomes ``"&"``); the transformers tokenizer, like the
 one that ships with SD v1.5, does not.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -5,6 +5,7 @@ and a target ``y = x (W0 + Δ)ᵀ + b0 (+ noise)`` where the update ``Δ`` has a
 adapter of rank ≥ rank(Δ) can fit it exactly, a smaller one cannot. Shapes follow torch's
 ``nn.Linear``: weights are (out_features, in_features), inputs (N, in_features).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -33,8 +34,16 @@ __all__ = [
 ]
 
 
-def planted_delta(out_features: int, in_features: int, rank: int, *, generator: torch.Generator,
-                  top: float = 1.0, bottom: float = 0.5, dtype: torch.dtype = torch.float32) -> Tensor:
+def planted_delta(
+    out_features: int,
+    in_features: int,
+    rank: int,
+    *,
+    generator: torch.Generator,
+    top: float = 1.0,
+    bottom: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """A random matrix (out, in) of exactly ``rank`` with singular values linearly from top to bottom.
 
     ``U diag(s) Vᵀ`` with orthonormal U (out, rank), V (in, rank) from QR of Gaussian matrices.
@@ -63,19 +72,26 @@ class PlantedTask:
     y: Tensor
 
 
-def _frozen_linear(in_features: int, out_features: int, generator: torch.Generator,
-                   dtype: torch.dtype) -> nn.Linear:
+def _frozen_linear(in_features: int, out_features: int, generator: torch.Generator, dtype: torch.dtype) -> nn.Linear:
     base = nn.Linear(in_features, out_features, dtype=dtype)
     with torch.no_grad():
-        bound = in_features ** -0.5
+        bound = in_features**-0.5
         base.weight.uniform_(-bound, bound, generator=generator)
         base.bias.uniform_(-bound, bound, generator=generator)
     base.requires_grad_(False)
     return base
 
 
-def planted_task(in_features: int = 32, out_features: int = 32, rank: int = 4, n: int = 512, *,
-                 noise: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> PlantedTask:
+def planted_task(
+    in_features: int = 32,
+    out_features: int = 32,
+    rank: int = 4,
+    n: int = 512,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PlantedTask:
     """Draw a :class:`PlantedTask` reproducibly from ``seed`` (inputs are standard Gaussian)."""
     if n < 1:
         raise ValueError(f"n={n}: expected at least one sample")
@@ -107,18 +123,24 @@ class PlantedStack(nn.Module):
         return torch.cat([getattr(self, n)(c) for n, c in zip(self.names, chunks)], dim=-1)
 
 
-def planted_stack(ranks: Sequence[int], width: int = 32, n: int = 512, *, noise: float = 0.0,
-                  seed: int = 0, dtype: torch.dtype = torch.float32
-                  ) -> tuple[PlantedStack, Tensor, Tensor, list[Tensor]]:
+def planted_stack(
+    ranks: Sequence[int],
+    width: int = 32,
+    n: int = 512,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PlantedStack, Tensor, Tensor, list[Tensor]]:
     """``len(ranks)`` independent planted tasks of width ``width`` stacked into one model.
 
     Returns (model with frozen ``nn.Linear`` layers, x (N, L·width), y (N, L·width), deltas).
     """
-    tasks = [planted_task(width, width, r, n, noise=noise, seed=seed + 1000 * j, dtype=dtype)
-             for j, r in enumerate(ranks)]
+    tasks = [
+        planted_task(width, width, r, n, noise=noise, seed=seed + 1000 * j, dtype=dtype) for j, r in enumerate(ranks)
+    ]
     model = PlantedStack([t.base for t in tasks], width)
-    return (model, torch.cat([t.x for t in tasks], -1), torch.cat([t.y for t in tasks], -1),
-            [t.delta for t in tasks])
+    return (model, torch.cat([t.x for t in tasks], -1), torch.cat([t.y for t in tasks], -1), [t.delta for t in tasks])
 
 
 def mse(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -135,9 +157,18 @@ class TrainLog:
     decisions: list[tuple[int, list]] = field(default_factory=list)
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, steps: int, *,
-          batch_size: int | None = None, seed: int = 0, controller: object | None = None,
-          on_step: Callable[[int, nn.Module], None] | None = None) -> TrainLog:
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    controller: object | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> TrainLog:
     """Minimise the MSE of ``model(x)`` against ``y`` for ``steps`` steps.
 
     x: (N, in), y: (N, out). Minibatches of ``batch_size`` rows are drawn with a generator seeded
@@ -195,18 +226,28 @@ def sd15_linear_shapes(component: str = "unet") -> LinearShapes:
         elif component == "text-encoder":
             from transformers import CLIPTextConfig, CLIPTextModel
 
-            model = CLIPTextModel(CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                hidden_act="quick_gelu"))
+            model = CLIPTextModel(
+                CLIPTextConfig(
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    projection_dim=768,
+                    hidden_act="quick_gelu",
+                )
+            )
         else:
             raise ValueError(f"component={component!r}: expected 'unet' or 'text-encoder'")
-    return LinearShapes([(n, m.in_features, m.out_features) for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear)], sum(p.numel() for p in model.parameters()))
+    return LinearShapes(
+        [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)],
+        sum(p.numel() for p in model.parameters()),
+    )
 
 
-def score_once(model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
-               ) -> tuple[dict[str, object], dict[str, Tensor]]:
+def score_once(
+    model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+) -> tuple[dict[str, object], dict[str, Tensor]]:
     """Score every SeLoRA layer of ``model`` on one batch, without expanding anything.
 
     Runs one forward/backward of the MSE of ``model(x)`` against ``y`` (x: (N, ...), y: (N, ...))
@@ -243,11 +284,23 @@ class PlantedRun:
     losses: list[float]
 
 
-def planted_run(planted: Sequence[int], *, kind: str = "selora", rank: int | Sequence[int] = 1,
-                threshold: float = 1.1, interval: int = 40, max_rank: int | None = None,
-                steps: int = 1200, width: int = 32, n: int = 1024, noise: float = 0.0,
-                lr: float = 0.01, batch_size: int = 64, seed: int = 0,
-                init: Callable[[nn.Module], Callable] | None = None) -> PlantedRun:
+def planted_run(
+    planted: Sequence[int],
+    *,
+    kind: str = "selora",
+    rank: int | Sequence[int] = 1,
+    threshold: float = 1.1,
+    interval: int = 40,
+    max_rank: int | None = None,
+    steps: int = 1200,
+    width: int = 32,
+    n: int = 1024,
+    noise: float = 0.0,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    seed: int = 0,
+    init: Callable[[nn.Module], Callable] | None = None,
+) -> PlantedRun:
     """Train adapters on a :func:`planted_stack` with planted ranks ``planted``.
 
     ``kind="selora"``: every layer starts at rank ``rank`` and an ExpansionController
@@ -275,8 +328,14 @@ def planted_run(planted: Sequence[int], *, kind: str = "selora", rank: int | Seq
     opt = torch.optim.Adam(trainable_parameters(model), lr=lr)
     ctl = None
     if kind == "selora":
-        ctl = ExpansionController(model, opt, threshold=threshold, interval=interval, max_rank=max_rank,
-                                  generator=torch.Generator().manual_seed(seed + 1))
+        ctl = ExpansionController(
+            model,
+            opt,
+            threshold=threshold,
+            interval=interval,
+            max_rank=max_rank,
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
     test_steps, ranks = [0], {name: [layer.rank] for name, layer in layers.items()}
 
     def record(step: int, m: nn.Module) -> None:
@@ -306,8 +365,17 @@ def rms_matched_rows(layer: nn.Module) -> Callable[[int, int, torch.Generator | 
     return init
 
 
-def step_times(model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, steps: int, *,
-               controller: object | None = None, extra_pass: bool = False, warmup: int = 2) -> list[float]:
+def step_times(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    *,
+    controller: object | None = None,
+    extra_pass: bool = False,
+    warmup: int = 2,
+) -> list[float]:
     """Wall-clock seconds of each of ``steps`` full-batch MSE training steps (after ``warmup``).
 
     A step is forward, backward, ``optimizer.step()``, ``controller.step()`` (if given),

@@ -8,13 +8,14 @@ The loop is :class:`selora.trainer.Trainer`, the run folder :mod:`selora.rundir`
 keys :class:`selora.config.TrainConfig`. Exit codes: 0 done, 1 training stopped (non-finite loss),
 2 bad input (a one-line error naming the option or key).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.data import DataError
@@ -23,16 +24,31 @@ from selora.profile import set_threads
 from selora.trainer import NonFiniteLossError, Trainer
 
 #: Keys that may change when resuming (nothing that changes the model, data or optimisation).
-RESUME_KEYS = ("epochs", "checkpoint_every", "eval_every", "num_samples", "sample_steps", "guidance_scale",
-               "max_bad_steps", "num_workers", "debug_nan_steps")
+RESUME_KEYS = (
+    "epochs",
+    "checkpoint_every",
+    "eval_every",
+    "num_samples",
+    "sample_steps",
+    "guidance_scale",
+    "max_bad_steps",
+    "num_workers",
+    "debug_nan_steps",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m selora.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="config file or shipped name (montgomery-offline, montgomery-paper, iuxray-paper)")
     ap.add_argument("--out", type=Path, help="run directory to create")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     ap.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps in total")
     ap.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

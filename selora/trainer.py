@@ -6,13 +6,15 @@ the prompt c through the text encoder. The method (:mod:`selora.methods`) is rea
 its :class:`~selora.methods.Adapters` hooks, so SeLoRA and the baselines share this loop; the run
 folder is described in :mod:`selora.rundir`.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ from selora.checkpoint import (
 from selora.config import ConfigError, TrainConfig
 from selora.data import open_dataset
 from selora.diffusion import encode_split, noise_prediction_loss, noise_scheduler, tokenize, training_batch
-from selora.distributed import Dist, init_distributed
+from selora.distributed import init_distributed
 from selora.evaluation import Evaluator
 from selora.io import atomic_save_safetensors
 from selora.models import load_pipeline
@@ -86,8 +88,15 @@ class Trainer:
     metrics (see :class:`selora.evaluation.Evaluator`; default: the active profile's).
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path | str, resume: bool = False, max_steps: int | None = None,
-                 progress: bool = True, metrics: Mapping[str, Callable] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path | str,
+        resume: bool = False,
+        max_steps: int | None = None,
+        progress: bool = True,
+        metrics: Mapping[str, Callable] | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.max_steps, self.progress = cfg, Path(run_dir), max_steps, progress
         seed_everything(cfg.seed)  # global RNGs too (the trainer itself draws only from its own generators)
         self.dist = init_distributed()
@@ -137,8 +146,9 @@ class Trainer:
         self.pipe.set_progress_bar_config(disable=True)
         vae, tok, tag = self.pipe.vae, self.pipe.tokenizer, f"{cfg.dataset}-{cfg.resolution}"
         self.train = encode_split(open_dataset(cfg, "train"), vae, tok, cfg.num_workers, f"{tag}-train")
-        self.eval = encode_split(open_dataset(cfg, cfg.eval_split), vae, tok, cfg.num_workers,
-                                 f"{tag}-{cfg.eval_split}", keep_images=True)
+        self.eval = encode_split(
+            open_dataset(cfg, cfg.eval_split), vae, tok, cfg.num_workers, f"{tag}-{cfg.eval_split}", keep_images=True
+        )
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size={cfg.batch_size}: larger than the {len(self.train)} training images")
@@ -163,8 +173,9 @@ class Trainer:
         at = self.at
         at.bad += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.log({"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": None,
-                  "skipped": why})
+        self.log(
+            {"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": None, "skipped": why}
+        )
         if at.bad >= self.cfg.max_bad_steps:
             last = self.run_dir / rundir.LAST
             raise NonFiniteLossError(
@@ -193,8 +204,16 @@ class Trainer:
         """One optimizer step on the global batch ``idx``; returns the mean loss or None if skipped."""
         at, dev = self.at, self.dist.device
         at.attempt += 1
-        noisy, t, ids, noise = training_batch(self.train, idx, self.gen, self.noise_scheduler, self.empty_ids,
-                                              self.cfg.prompt_dropout, self.dist.local_slice(len(idx)), dev)
+        noisy, t, ids, noise = training_batch(
+            self.train,
+            idx,
+            self.gen,
+            self.noise_scheduler,
+            self.empty_ids,
+            self.cfg.prompt_dropout,
+            self.dist.local_slice(len(idx)),
+            dev,
+        )
         self.adapters.before_forward(at.step)
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
             pred = self.ddp(noisy, t, ids)
@@ -221,9 +240,18 @@ class Trainer:
             if self.dist.main:
                 rundir.append_record(self.ranks_path, {"step": at.step, **change.record})
         mean_loss = (self.dist.all_sum(loss.detach().float().reshape(1)) / self.dist.world).item()
-        self.log({"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": mean_loss,
-                  "lr": self.optimizer.param_groups[0]["lr"], "total_rank": self.total_rank(),
-                  **self.adapters.train_record(reg)})
+        self.log(
+            {
+                "kind": "train",
+                "step": at.step,
+                "batch": at.attempt,
+                "epoch": at.epoch,
+                "loss": mean_loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "total_rank": self.total_rank(),
+                **self.adapters.train_record(reg),
+            }
+        )
         return mean_loss
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -234,14 +262,27 @@ class Trainer:
             method_tensors, method_meta = split_tensors(self.adapters.state_dict(), "method")
             rng_t, rng_meta = rng_states({"train": self.gen, **self.adapters.generators()})
             state = {
-                **asdict(self.at), "best": self.best, "finished": self.finished, "world": self.dist.world,
-                "records": {"metrics": rundir.count_lines(self.metrics_path),
-                            "ranks": rundir.count_lines(self.ranks_path)},
-                "optimizer": opt_meta, "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "method": method_meta, "rng": rng_meta,
+                **asdict(self.at),
+                "best": self.best,
+                "finished": self.finished,
+                "world": self.dist.world,
+                "records": {
+                    "metrics": rundir.count_lines(self.metrics_path),
+                    "ranks": rundir.count_lines(self.ranks_path),
+                },
+                "optimizer": opt_meta,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "method": method_meta,
+                "rng": rng_meta,
             }
-            write_checkpoint(self.run_dir / rundir.LAST, adapter_tensors(self.adapters), self.adapters.ranks(),
-                             {**tensors, **method_tensors, **rng_t}, state)
+            write_checkpoint(
+                self.run_dir / rundir.LAST,
+                adapter_tensors(self.adapters),
+                self.adapters.ranks(),
+                {**tensors, **method_tensors, **rng_t},
+                state,
+            )
         self.dist.barrier()
 
     def _restore(self) -> None:
@@ -269,8 +310,9 @@ class Trainer:
             return
         self.best = {"eval_loss": record["eval_loss"], "step": self.at.step, "epoch": self.at.epoch}
         if self.dist.main:
-            write_checkpoint(self.run_dir / rundir.BEST, adapter_tensors(self.adapters), self.adapters.ranks(),
-                             state=self.best)
+            write_checkpoint(
+                self.run_dir / rundir.BEST, adapter_tensors(self.adapters), self.adapters.ranks(), state=self.best
+            )
 
     def _finish(self) -> None:
         self.finished = True
@@ -286,8 +328,13 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to the end (or to ``max_steps``); returns a summary dict."""
         cfg, at = self.cfg, self.at
-        bar = tqdm(total=self.total_steps, initial=at.step, desc="train", unit="step",
-                   disable=not (self.progress and self.dist.main))
+        bar = tqdm(
+            total=self.total_steps,
+            initial=at.step,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and self.dist.main),
+        )
         try:
             while not self.finished:
                 at = self.at
@@ -297,8 +344,9 @@ class Trainer:
                 if at.epoch >= cfg.epochs:
                     self._finish()
                     break
-                order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
-                    cfg.seed * 100_003 + at.epoch))
+                order = torch.randperm(
+                    len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + at.epoch)
+                )
                 while at.batch < self.steps_per_epoch and not self._stopped():
                     b = at.batch
                     at.batch += 1
@@ -325,5 +373,11 @@ class Trainer:
         return {"trainable": counts.trainable, "base": counts.base, "trainable_fraction": counts.fraction}
 
     def summary(self, status: str) -> dict[str, Any]:
-        return {"status": status, **asdict(self.at), "total_rank": self.total_rank(), **self.parameter_counts(),
-                "best": self.best, "run_dir": str(self.run_dir)}
+        return {
+            "status": status,
+            **asdict(self.at),
+            "total_rank": self.total_rank(),
+            **self.parameter_counts(),
+            "best": self.best,
+            "run_dir": str(self.run_dir),
+        }

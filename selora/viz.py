@@ -1,4 +1,5 @@
 """Plotting helpers and the book-wide colours (one colour per method, everywhere in the book)."""
+
 from __future__ import annotations
 
 import textwrap
@@ -27,11 +28,11 @@ __all__ = [
 
 #: One colour per method (colour-blind-friendly Okabe–Ito palette); used by every figure.
 METHOD_COLORS: dict[str, str] = {
-    "selora": "#D55E00",   # vermillion
-    "lora": "#0072B2",     # blue
+    "selora": "#D55E00",  # vermillion
+    "lora": "#0072B2",  # blue
     "adalora": "#009E73",  # green
-    "dylora": "#CC79A7",   # purple
-    "full": "#000000",     # black
+    "dylora": "#CC79A7",  # purple
+    "full": "#000000",  # black
 }
 
 
@@ -48,9 +49,15 @@ def offline_label(text: str, profile: str) -> str:
     return f"{text} (offline proxy)" if profile == "offline" else text
 
 
-def step_plot(ax: Axes, series: Mapping[str, Sequence[float]], *, logy: bool = False,
-              colors: Mapping[str, str] | None = None, xlabel: str = "step",
-              ylabel: str = "") -> Axes:
+def step_plot(
+    ax: Axes,
+    series: Mapping[str, Sequence[float]],
+    *,
+    logy: bool = False,
+    colors: Mapping[str, str] | None = None,
+    xlabel: str = "step",
+    ylabel: str = "",
+) -> Axes:
     """One line per entry of ``series`` (label → values per step, step counted from 1)."""
     for label, values in series.items():
         kw = {"color": colors[label]} if colors and label in colors else {}
@@ -63,8 +70,9 @@ def step_plot(ax: Axes, series: Mapping[str, Sequence[float]], *, logy: bool = F
     return ax
 
 
-def rank_trajectories(ax: Axes, steps: Sequence[int], ranks: Mapping[str, Sequence[int]],
-                      planted: Mapping[str, int] | None = None) -> Axes:
+def rank_trajectories(
+    ax: Axes, steps: Sequence[int], ranks: Mapping[str, Sequence[int]], planted: Mapping[str, int] | None = None
+) -> Axes:
     """Rank of each layer against the training step, with its planted rank dashed if given.
 
     steps: the x values (length S); ranks: layer name → S ranks.
@@ -84,8 +92,9 @@ def rank_trajectories(ax: Axes, steps: Sequence[int], ranks: Mapping[str, Sequen
     return ax
 
 
-def rank_heatmap(ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: np.ndarray,
-                 cmap: str = "viridis") -> AxesImage:
+def rank_heatmap(
+    ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: np.ndarray, cmap: str = "viridis"
+) -> AxesImage:
     """Rank of every layer (rows) over training (columns) as a heatmap; returns the image (for a colorbar).
 
     steps: the S steps at which ranks were recorded; names: the L row labels; matrix: ranks (L, S).
@@ -96,8 +105,9 @@ def rank_heatmap(ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: n
     if matrix.shape != (len(names), len(steps)):
         raise ValueError(f"matrix: expected shape ({len(names)}, {len(steps)}) = (layers, steps), got {matrix.shape}")
     edges = np.append(np.asarray(steps, dtype=float), steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
-    mesh = ax.pcolormesh(edges, np.arange(len(names) + 1), matrix, cmap=cmap, shading="flat",
-                         vmin=1, vmax=max(1, int(matrix.max())))
+    mesh = ax.pcolormesh(
+        edges, np.arange(len(names) + 1), matrix, cmap=cmap, shading="flat", vmin=1, vmax=max(1, int(matrix.max()))
+    )
     ax.set_ylim(len(names), 0)  # first layer on top
     every = max(1, len(names) // 120)  # at most ~120 labels; SD v1.5 has several hundred adapted layers
     rows = np.arange(0, len(names), every)
@@ -106,7 +116,9 @@ def rank_heatmap(ax: Axes, steps: Sequence[int], names: Sequence[str], matrix: n
     return mesh
 
 
-def rank_map(ax: Axes, rows: Sequence[str], cols: Sequence[str], matrix: np.ndarray, cmap: str = "viridis") -> AxesImage:
+def rank_map(
+    ax: Axes, rows: Sequence[str], cols: Sequence[str], matrix: np.ndarray, cmap: str = "viridis"
+) -> AxesImage:
     """Mean final rank per (location, kind of layer) as an annotated grid (the paper's Fig. 3 layout).
 
     rows: R locations; cols: C kinds; matrix: (R, C), NaN where a location has no such layer (left blank).
@@ -119,8 +131,15 @@ def rank_map(ax: Axes, rows: Sequence[str], cols: Sequence[str], matrix: np.ndar
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=1, vmax=top, aspect="auto")
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
-                    color="white" if v < 1 + 0.6 * (top - 1) else "black")
+            ax.text(
+                j,
+                i,
+                f"{v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if v < 1 + 0.6 * (top - 1) else "black",
+            )
     ax.set_xticks(range(len(cols)), labels=cols, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=7)
     return image
@@ -168,8 +187,9 @@ def image_rows(rows: Mapping[str, Sequence], captions: Sequence[str], title: str
 REFERENCE_STYLES = ("--", ":", "-.")  # line styles of reference values in :func:`method_bars`, in order
 
 
-def method_bars(ax: Axes, values: Mapping[str, tuple[float, float | None]],
-                reference: Mapping[str, float] | None = None) -> None:
+def method_bars(
+    ax: Axes, values: Mapping[str, tuple[float, float | None]], reference: Mapping[str, float] | None = None
+) -> None:
     """One bar per method (the book's colour) with a ±std error bar, references as grey lines.
 
     values: ``{method: (mean, std or None)}`` in plotting order; reference: ``{label: value}`` drawn

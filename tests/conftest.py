@@ -1,4 +1,5 @@
 """Shared test settings: one torch thread per test process (two cores are shared)."""
+
 import os
 
 os.environ.setdefault("SELORA_PROFILE", "offline")

@@ -1,4 +1,5 @@
 """AdaLoRA 6 -> 4 via PEFT: explicit orthogonality regulariser, budget allocation each step, counts."""
+
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,7 +9,12 @@ import torch
 from torch import nn
 
 from selora.methods import (
-    adalora_config, adalora_ranks, inject_adalora, make_adapters, orthogonal_regulariser, resolve_targets,
+    adalora_config,
+    adalora_ranks,
+    inject_adalora,
+    make_adapters,
+    orthogonal_regulariser,
+    resolve_targets,
 )
 from selora.params import count_parameters
 
@@ -55,7 +61,9 @@ def test_regulariser_changes_the_loss_and_its_gradient():
     reg = 0.5 * orthogonal_regulariser(model)
     g_reg = torch.autograd.grad(plain + reg, params, allow_unused=True)
     assert reg.item() > 0
-    changed = [not torch.equal(a if a is not None else torch.zeros_like(p), b) for a, b, p in zip(g_plain, g_reg, params)]
+    changed = [
+        not torch.equal(a if a is not None else torch.zeros_like(p), b) for a, b, p in zip(g_plain, g_reg, params)
+    ]
     assert sum(changed) >= 6, "R(A, B) must put gradient on every A and B matrix"
 
 
@@ -103,8 +111,12 @@ def test_parameter_counts_for_every_method_on_the_same_targets():
         counts[method] = c = count_parameters(unet)
         assert c.base == base
         assert c.fraction == pytest.approx(c.trainable / base)
-        per_layer = {"lora": lambda i, o: 4 * (i + o), "dylora": lambda i, o: 4 * (i + o),
-                     "adalora": lambda i, o: 6 * (i + o + 1), "selora": lambda i, o: i + o}[method]
+        per_layer = {
+            "lora": lambda i, o: 4 * (i + o),
+            "dylora": lambda i, o: 4 * (i + o),
+            "adalora": lambda i, o: 6 * (i + o + 1),
+            "selora": lambda i, o: i + o,
+        }[method]
         assert c.trainable == sum(per_layer(i, o) for i, o in dims), method
     assert counts["selora"].trainable < counts["lora"].trainable < counts["adalora"].trainable
     assert "trainable" in str(counts["lora"]) and "%" in str(counts["lora"])
@@ -162,7 +174,9 @@ def test_one_call_adapts_unet_and_text_encoder_together(method):
     loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), trainable[:3]
-    assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("text_encoder.") and "lora_" in n)
+    assert any(
+        p.grad is not None for n, p in model.named_parameters() if n.startswith("text_encoder.") and "lora_" in n
+    )
     if method == "adalora":
         adapters.after_step(0)
         assert len(adalora_ranks(model)) == len(expected), "one AdaLoRA budget over both models"

@@ -1,6 +1,7 @@
 """The package's shape: no import cycle inside selora/ (imports inside functions count; only
 ``if TYPE_CHECKING:`` blocks, which never run, do not), and modules, classes and functions a
 newcomer can read (limits measured in lines, docstrings included)."""
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,8 @@ def _type_checking(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def imported(tree: ast.Module, known: set[str]) -> set[str]:
@@ -62,7 +64,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := dfs(nxt)):
                 return found
         state[node] = 2
@@ -81,8 +83,10 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 
 def test_function_level_imports_and_type_checking_are_told_apart():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from selora.b import x\n"
-                     "def f():\n    from selora.c import y\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from selora.b import x\n"
+        "def f():\n    from selora.c import y\n"
+    )
     assert imported(tree, {"selora.b", "selora.c"}) == {"selora.c"}
 
 

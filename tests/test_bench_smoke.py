@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/sd15.py: the --quick run (mini SD widths, same code path) writes a complete
 results.json; the committed results.json has the same schema. No timing assertions."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sd15.py"
-RATIO_KEYS = {"lora_selora_vs_peft", "test_step_vs_plain", "authors_test_step_vs_plain", "amortized_t40",
-              "peak_mem_vs_full_ft", "merged_infer_vs_base"}
+RATIO_KEYS = {
+    "lora_selora_vs_peft",
+    "test_step_vs_plain",
+    "authors_test_step_vs_plain",
+    "amortized_t40",
+    "peak_mem_vs_full_ft",
+    "merged_infer_vs_base",
+}
 
 
 def _positive(value: object, where: str) -> None:
@@ -69,8 +76,13 @@ def test_quick_run_writes_complete_results(tmp_path: Path) -> None:
     # the analysis is a pure function of the stored raw samples: --reanalyse reproduces it exactly
     again = tmp_path / "again"
     again.mkdir()
-    out = subprocess.run([sys.executable, str(SCRIPT), "--reanalyse", str(tmp_path / "results.json"),
-                          "--out-dir", str(again)], capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--reanalyse", str(tmp_path / "results.json"), "--out-dir", str(again)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     res2 = json.loads((again / "results.json").read_text())
     assert res2["ratios"] == res["ratios"] and res2["ratio_intervals"] == res["ratio_intervals"]
@@ -85,16 +97,27 @@ def test_committed_results_have_the_schema() -> None:
 def test_reanalyse_of_a_non_result_file_fails_naming_it(tmp_path: Path) -> None:
     bad = tmp_path / "results.json"
     bad.write_text('{"settings": {}}')
-    out = subprocess.run([sys.executable, str(SCRIPT), "--reanalyse", str(bad), "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--reanalyse", str(bad), "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 1 and str(bad) in out.stderr and "raw samples" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"], "nothing written"
 
 
 @pytest.mark.parametrize("bad", [["--rounds", "0"], ["--out-dir", "no/such/dir"]])
 def test_bad_arguments_exit_2(bad: list[str], tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(SCRIPT), "--quick", *bad], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", *bad],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 2
     assert bad[0] in out.stderr
 
@@ -115,7 +138,7 @@ def test_ratios_are_medians_of_same_round_pairs_not_ratios_of_medians():
     with pytest.raises(ValueError, match="equal, non-empty"):
         sd15.paired_ratio([1.0, 2.0], [1.0])
     samples = {name: {"1": [1.0, 2.0, 3.0]} for name in sd15.TIMED}
-    samples["lora_selora"]["1"] = [1.1, 1.8, 3.3]          # per round: 1.1, 0.9, 1.1
+    samples["lora_selora"]["1"] = [1.1, 1.8, 3.3]  # per round: 1.1, 0.9, 1.1
     memory = {name: {"1": {"peak_bytes": 2}} for name in sd15.MEMORY}
     memory["full_ft"]["1"]["peak_bytes"] = 8
     ratios, by_batch = sd15.compute_ratios(samples, memory, [1])

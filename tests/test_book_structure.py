@@ -1,4 +1,5 @@
 """The book's frame: every chapter listed, opening with the setup cell, committed executed and clean."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -48,7 +48,8 @@ def test_chapter_opens_with_the_setup_cell(path):
     assert code, f"{path.name} has no code cell"
     first = code[0]
     assert "".join(first["source"]) == setup_cell.setup_source(), (
-        f"{path.name}: first code cell is not the setup cell (run scripts/setup_cell.py)")
+        f"{path.name}: first code cell is not the setup cell (run scripts/setup_cell.py)"
+    )
     assert "setup" in first["metadata"].get("tags", []), f"{path.name}: setup cell is not tagged 'setup'"
     assert nb["cells"][0]["cell_type"] == "markdown", f"{path.name} must open with its title"
 

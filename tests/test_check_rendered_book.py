@@ -3,6 +3,7 @@ problems, pass a clean site, and refuse bad input with exit status 2.
 
 Needs Debian's Chromium (`apt-get install -y chromium`); without it these tests fail, never skip.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,28 +60,31 @@ BAD_PAGES = {
     "missing-resource": '<p>text</p><script src="../_static/missing.js"></script>',
     "raw-table": '<div class="cell_output docutils container"><p>| a | b |\n|---|---:|\n| 1 | 2 |</p></div>',
 }
-EXPECTED_BAD = sorted([
-    "PROBLEM book/error: cell error output: ZeroDivisionError: division by zero",
-    "PROBLEM book/broken-image: broken image: ../_images/missing.png (HTTP 404)",
-    "PROBLEM book/broken-image: broken image: ../_images/corrupt.png "
-    "(did not decode, naturalWidth 0)",
-    "PROBLEM book/broken-link: broken link: nowhere.html (no such file)",
-    "PROBLEM book/broken-link: broken link: good.html#no-such-anchor "
-    "(no element with id 'no-such-anchor' in good.html)",
-    "PROBLEM book/console-error: console error: boom from the page",
-    "PROBLEM book/page-error: page error: Error: uncaught on purpose",
-    "PROBLEM book/missing-resource: resource failed: /_static/missing.js (HTTP 404)",
-    "PROBLEM book/raw-table: raw markdown table: a cell output shows a table as text: | a | b | |---|---:| | 1 | 2 |",
-    "PROBLEM book/missing: missing page: book/missing.html is not in the HTML folder "
-    "(listed in the toc)",
-])
+EXPECTED_BAD = sorted(
+    [
+        "PROBLEM book/error: cell error output: ZeroDivisionError: division by zero",
+        "PROBLEM book/broken-image: broken image: ../_images/missing.png (HTTP 404)",
+        "PROBLEM book/broken-image: broken image: ../_images/corrupt.png (did not decode, naturalWidth 0)",
+        "PROBLEM book/broken-link: broken link: nowhere.html (no such file)",
+        "PROBLEM book/broken-link: broken link: good.html#no-such-anchor "
+        "(no element with id 'no-such-anchor' in good.html)",
+        "PROBLEM book/console-error: console error: boom from the page",
+        "PROBLEM book/page-error: page error: Error: uncaught on purpose",
+        "PROBLEM book/missing-resource: resource failed: /_static/missing.js (HTTP 404)",
+        "PROBLEM book/raw-table: raw markdown table: a cell output shows a table as text: "
+        "| a | b | |---|---:| | 1 | 2 |",
+        "PROBLEM book/missing: missing page: book/missing.html is not in the HTML folder (listed in the toc)",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
     if not Path(crb.DEFAULT_CHROMIUM).is_file():
-        pytest.fail(f"{crb.DEFAULT_CHROMIUM} missing: the render check needs Debian's Chromium "
-                    "(apt-get update && apt-get install -y chromium)")
+        pytest.fail(
+            f"{crb.DEFAULT_CHROMIUM} missing: the render check needs Debian's Chromium "
+            "(apt-get update && apt-get install -y chromium)"
+        )
     return crb.DEFAULT_CHROMIUM
 
 
@@ -107,14 +111,12 @@ def make_site(root: Path, pages: dict[str, str]) -> tuple[Path, Path]:
             (html / "book" / f"{name}.html").write_text(page(body))
     chapters = "".join(f"      - file: book/{name}\n" for name in pages if name != "good")
     toc = root / "_toc.yml"
-    toc.write_text(f"format: jb-book\nroot: book/good\nparts:\n  - caption: Part\n"
-                   f"    chapters:\n{chapters}")
+    toc.write_text(f"format: jb-book\nroot: book/good\nparts:\n  - caption: Part\n    chapters:\n{chapters}")
     return html, toc
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> None:
@@ -126,8 +128,7 @@ def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> 
     problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
     assert problems == EXPECTED_BAD, proc.stdout
     assert "FAILED: 10 problem(s) on 8 of 10 page(s)" in proc.stdout
-    table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
-             if line.startswith("book/")}
+    table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("book/")}
     assert table["book/good"] == "ok" and table["book/other"] == "ok"
     assert table["book/error"] == "FAIL" and table["book/missing"] == "FAIL"
     assert not (shots / "book-missing.png").exists()
@@ -153,25 +154,32 @@ def test_clean_site_passes_with_screenshots(tmp_path: Path, chromium: str) -> No
 
 def test_toc_pages_walks_parts_chapters_and_sections(tmp_path: Path) -> None:
     toc = tmp_path / "_toc.yml"
-    toc.write_text("format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
-                   "      - file: book/01-a.ipynb\n        sections:\n          - file: book/01b\n"
-                   "          - url: https://example.invalid\n  - caption: B\n    chapters:\n"
-                   "      - file: book/02-b\n")
+    toc.write_text(
+        "format: jb-book\nroot: book/intro\nparts:\n  - caption: A\n    chapters:\n"
+        "      - file: book/01-a.ipynb\n        sections:\n          - file: book/01b\n"
+        "          - url: https://example.invalid\n  - caption: B\n    chapters:\n"
+        "      - file: book/02-b\n"
+    )
     assert crb.toc_pages(toc) == ["book/intro", "book/01-a", "book/01b", "book/02-b"]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no-html", "HTML folder not found"),
-    ("bad-toc", "expected a mapping with a 'root' document path"),
-    ("no-toc", "table of contents not found"),
-    ("no-chromium", "Chromium not found"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no-html", "HTML folder not found"),
+        ("bad-toc", "expected a mapping with a 'root' document path"),
+        ("no-toc", "table of contents not found"),
+        ("no-chromium", "Chromium not found"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, expected: str) -> None:
     html, toc = make_site(tmp_path, {"good": OTHER_BODY})
-    args = {"no-html": ["--html", str(tmp_path / "nope")],
-            "bad-toc": ["--toc", str(tmp_path / "bad.yml")],
-            "no-toc": ["--toc", str(tmp_path / "absent.yml")],
-            "no-chromium": ["--chromium", str(tmp_path / "no-browser")]}[case]
+    args = {
+        "no-html": ["--html", str(tmp_path / "nope")],
+        "bad-toc": ["--toc", str(tmp_path / "bad.yml")],
+        "no-toc": ["--toc", str(tmp_path / "absent.yml")],
+        "no-chromium": ["--chromium", str(tmp_path / "no-browser")],
+    }[case]
     (tmp_path / "bad.yml").write_text("- just\n- a list\n")
     base = {"--html": str(html), "--toc": str(toc)}
     base.update(dict(zip(args[::2], args[1::2])))

@@ -1,4 +1,5 @@
 """Config loading and validation: shipped configs, --set overrides, one-line errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,7 +66,9 @@ def test_config_by_path_and_unknown_name(tmp_path):
     path.write_text("interval: 7\nlr: 3.0e-4\n")
     cfg = load_config(path)
     assert cfg.interval == 7 and cfg.lr == 3e-4 and cfg.threshold == TrainConfig().threshold
-    with pytest.raises(ConfigError, match=r"no such file and not a shipped config \(one of: iuxray-paper, montgomery-offline"):
+    with pytest.raises(
+        ConfigError, match=r"no such file and not a shipped config \(one of: iuxray-paper, montgomery-offline"
+    ):
         load_config("montgomery-nope")
     assert {p.stem for p in CONFIGS_DIR.glob("*.yaml")} == set(SHIPPED)
 
@@ -115,7 +118,9 @@ def test_overrides_are_parsed_as_yaml_with_float_fallback():
     assert parse_override("gradient_checkpointing=true") == ("gradient_checkpointing", True)
     assert parse_override("gradient_checkpointing=no") == ("gradient_checkpointing", False)  # a bool key: YAML's no
     assert parse_override("max_rank=null") == ("max_rank", None)
-    assert parse_override("lora_scale=2") == ("lora_scale", 2.0) and isinstance(parse_override("lora_scale=2")[1], float)
+    assert parse_override("lora_scale=2") == ("lora_scale", 2.0) and isinstance(
+        parse_override("lora_scale=2")[1], float
+    )
     cfg = load_config("montgomery-offline", ["threshold=1.05", "interval=10", "threshold=2"])
     assert (cfg.threshold, cfg.interval) == (2.0, 10) and isinstance(cfg.threshold, float)
     assert cfg.overrides == ["threshold=1.05", "interval=10", "threshold=2"]
@@ -131,7 +136,10 @@ def test_overrides_are_parsed_as_yaml_with_float_fallback():
         ("threshold=.nan", "key 'threshold': expected a finite number"),
         ("lr=[1e-4]", "--set lr=[1e-4]: key 'lr': expected float, got list ['1e-4']"),
         ("max_rank=big", "--set max_rank=big: key 'max_rank': expected int or null, got str 'big'"),
-        ("mixed_precision=false", "--set mixed_precision=false: key 'mixed_precision': expected one of no, fp16, bf16, got"),
+        (
+            "mixed_precision=false",
+            "--set mixed_precision=false: key 'mixed_precision': expected one of no, fp16, bf16, got",
+        ),
         ("mixed_precision=", "key 'mixed_precision': expected str, got NoneType None"),
         ("debug_nan_steps=[true]", "key 'debug_nan_steps': expected a list of int >= 1, got [True]"),
     ],
@@ -187,7 +195,9 @@ def test_method_check_names_the_key_and_the_source():
     with pytest.raises(ConfigError) as err:
         load_config("montgomery-offline", ["method=adalora", "lora_rank=7"])
     msg = str(err.value)
-    assert msg.startswith(str(config_path("montgomery-offline")) + " (with --set method=adalora lora_rank=7): key 'lora_rank': ")
+    assert msg.startswith(
+        str(config_path("montgomery-offline")) + " (with --set method=adalora lora_rank=7): key 'lora_rank': "
+    )
     assert "expected lora_rank <= 6, got 7" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match=r"load_config\(base=\.\.\.\): key 'seed': expected int, got str 'x'"):
         load_config(base={"seed": "x"})

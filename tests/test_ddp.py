@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo) train like one process with the same global batch:
 Fisher statistics reduced before each decision, the same K everywhere, DDP rebuilt on growth."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import sys
 
 import torch
 from safetensors.torch import load_file
+from test_train import REPO, _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
 from selora.config import load_config
 from selora.rundir import read_records
 from selora.trainer import Trainer
-from test_train import REPO, _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
-DRIVER = '''
+DRIVER = """
 import os, sys, json
 import torch
 from safetensors.torch import save_file
@@ -31,7 +32,7 @@ rank = trainer.dist.rank
 save_file(adapter_tensors(trainer.adapters), os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
     json.dump({"ranks": ranks(trainer.model), "world": trainer.dist.world, "threads": torch.get_num_threads()}, fh)
-'''
+"""
 
 
 def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
@@ -42,9 +43,22 @@ def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
     ddp = tmp_path / "ddp"
     env = {**os.environ, "SELORA_CACHE": str(assets["cache"]), "SELORA_PROFILE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-         str(ddp), json.dumps(overrides)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(driver),
+            str(ddp),
+            json.dumps(overrides),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]

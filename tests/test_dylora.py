@@ -1,4 +1,5 @@
 """DyLoRA: truncation b uses exactly the first b components, and only they receive gradient."""
+
 import pytest
 import torch
 from torch import nn
@@ -85,7 +86,8 @@ def test_training_loop_hook_and_evaluation_truncation():
     adapters = make_adapters(model, "dylora", "all-linear", generator=torch.Generator().manual_seed(0))
     assert all(isinstance(m, DyLoRALinear) and m.rank == 4 for m in adapters.layers.values())
     assert {id(p) for p in model.parameters() if p.requires_grad} == {
-        id(p) for m in adapters.layers.values() for p in (m.lora_A, m.lora_B)}
+        id(p) for m in adapters.layers.values() for p in (m.lora_A, m.lora_B)
+    }
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     used = []

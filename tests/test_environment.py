@@ -1,10 +1,11 @@
 """environment.yml and pyproject.toml must declare the same dependency set."""
+
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,6 @@
 """The evaluation script (Table 1 counterpart) end to end on the tiny pipeline and the phantom set:
 every (method, seed) through the trainer, test-split samples, proxy metrics, JSON + markdown."""
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,29 @@ def _one_thread(monkeypatch):
 
 def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "exp"
-    args = ["--methods", "lora,adalora", "--seeds", "0,1", "--out", str(out), *sets(assets), "--limit", "4",
-            "--batch", "4", "--no-progress"]
+    args = [
+        "--methods",
+        "lora,adalora",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        *sets(assets),
+        "--limit",
+        "4",
+        "--batch",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert [(r["method"], r["seed"]) for r in runs] == [("lora", 0), ("lora", 1), ("adalora", 0), ("adalora", 1)]
 
     # each run: the metrics are the profile's metrics of exactly the saved samples vs the real test images
-    cfg = load_config("montgomery-offline", tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0,
-                                                           sample_steps=2))
+    cfg = load_config(
+        "montgomery-offline", tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0, sample_steps=2)
+    )
     prompts, real = held_out_split(cfg, 4)
     for r in runs:
         run = out / r["run_dir"]
@@ -56,9 +70,14 @@ def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    base = sum(p.numel() for m in (UNet2DConditionModel.from_pretrained(assets["model"], subfolder="unet"),
-                                   CLIPTextModel.from_pretrained(assets["model"], subfolder="text_encoder"))
-               for p in m.parameters())
+    base = sum(
+        p.numel()
+        for m in (
+            UNet2DConditionModel.from_pretrained(assets["model"], subfolder="unet"),
+            CLIPTextModel.from_pretrained(assets["model"], subfolder="text_encoder"),
+        )
+        for p in m.parameters()
+    )
     assert {r["parameters"]["total"]["base"] for r in runs} == {base}
     lora, ada = (next(r for r in runs if r["method"] == m) for m in ("lora", "adalora"))
     assert ada["trainable"] > lora["trainable"], "AdaLoRA allocates rank 6 (A, B, E) against LoRA's 4"

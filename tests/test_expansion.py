@@ -1,4 +1,5 @@
 """ExpansionController (Algorithm 1) and optimizer surgery."""
+
 import copy
 import math
 
@@ -102,12 +103,15 @@ def test_scored_K_is_installed():
         assert layer.rank == 2 and torch.equal(layer.lora_A[1:], Ks[name])
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: torch.optim.Adam(p, lr=1e-2),
-    lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
-    lambda p: torch.optim.AdamW(p, lr=1e-2),
-    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    ],
+)
 def test_optimizer_state_preserved_bit_for_bit(make):
     model, layers = toy()
     params = selora.trainable_parameters(model)
@@ -128,7 +132,10 @@ def test_optimizer_state_preserved_bit_for_bit(make):
         group = opt.param_groups[0 if name == "0" else 1]["params"]
         assert sum(p is m.lora_A for p in group) == 1 and sum(p is m.lora_B for p in group) == 1
         old_A, old_B = before[name]
-        for old, new, keep in ((old_A, m.lora_A, (slice(0, 1), slice(None))), (old_B, m.lora_B, (slice(None), slice(0, 1)))):
+        for old, new, keep in (
+            (old_A, m.lora_A, (slice(0, 1), slice(None))),
+            (old_B, m.lora_B, (slice(None), slice(0, 1))),
+        ):
             assert old not in opt.state
             saved, state = states[id(old)], opt.state[new]
             assert set(state) == set(saved)
@@ -185,7 +192,9 @@ def test_resume_from_state_dict_gives_same_ranks_and_losses():
     def fresh():
         model, _ = toy()
         opt = torch.optim.Adam(selora.trainable_parameters(model), lr=2e-2)
-        ctl = selora.ExpansionController(model, opt, threshold=1.05, interval=3, generator=torch.Generator().manual_seed(7))
+        ctl = selora.ExpansionController(
+            model, opt, threshold=1.05, interval=3, generator=torch.Generator().manual_seed(7)
+        )
         return model, opt, ctl
 
     model, opt, ctl = fresh()
@@ -219,9 +228,13 @@ def test_reduce_hook_sees_the_statistics():
 
     x, y = batch(0)
     ref_model = copy.deepcopy(model)
-    ref = selora.ExpansionController(ref_model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0))
+    ref = selora.ExpansionController(
+        ref_model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0)
+    )
     ((ref_model(x) - y) ** 2).mean().backward()
-    ctl = selora.ExpansionController(model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0), reduce=double)
+    ctl = selora.ExpansionController(
+        model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0), reduce=double
+    )
     ((model(x) - y) ** 2).mean().backward()
     got, want = ctl.step(), ref.step()
     assert len(seen) == 1 and seen[0].shape == (3, 3) and torch.all(seen[0][:, 2] == 16)

@@ -7,6 +7,7 @@ would be rescaled on load), a short training run with the expansion controller, 
 expansions so that ranks are mixed, and random B. The exports are then loaded in a subprocess in
 which ``import selora`` fails, and compared with the selora model on fixed inputs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,25 +57,50 @@ def tiny_pipeline(folder: Path, cross_attention_dim: int = 32) -> StableDiffusio
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=24, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
-        pad_token_id=vocab[EOS],
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=cross_attention_dim,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=24,
+            bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS],
+            pad_token_id=vocab[EOS],
+        )
+    )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), use_linear_projection=True,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     )
     scheduler = DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -97,7 +123,9 @@ def fixed_inputs() -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def outputs(unet: torch.nn.Module, text_encoder: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def outputs(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module, x: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     return {
         "unet": unet(x["sample"], x["timestep"], x["context"]).sample,
         "text_encoder": text_encoder(x["input_ids"]).last_hidden_state,
@@ -117,8 +145,12 @@ def short_selora_run(pipe: StableDiffusionPipeline) -> None:
     for comp in ("unet", "text_encoder"):
         injected = selora.inject(getattr(pipe, comp), "all-linear", scale=SCALE)
         adapters.update({f"{comp}.{n}": m for n, m in injected.items()})
-    opt = torch.optim.AdamW(selora.trainable_parameters(pipe.unet) + selora.trainable_parameters(pipe.text_encoder), lr=1e-2)
-    ctl = selora.ExpansionController(adapters, opt, threshold=1.05, interval=4, generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW(
+        selora.trainable_parameters(pipe.unet) + selora.trainable_parameters(pipe.text_encoder), lr=1e-2
+    )
+    ctl = selora.ExpansionController(
+        adapters, opt, threshold=1.05, interval=4, generator=torch.Generator().manual_seed(3)
+    )
     g = torch.Generator().manual_seed(5)
     grown = 0
     for _ in range(8):
@@ -209,7 +241,8 @@ STOCK = textwrap.dedent(
     from peft import PeftModel
     from transformers import CLIPTextModel
 
-    unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), peft_export + "/unet")
+    base_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet = PeftModel.from_pretrained(base_unet, peft_export + "/unet")
     te = PeftModel.from_pretrained(CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
                                    peft_export + "/text_encoder")
     run("peft_unmerged", unet, te)
@@ -235,7 +268,12 @@ def stock(trained):
     args = [root / "base", root / "diffusers", root / "peft", root / "inputs.safetensors", result]
     proc = subprocess.run(
         [sys.executable, "-I", str(script), *map(str, args)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, f"stock process failed:\n{proc.stderr[-3000:]}"
     return load_file(str(result))
@@ -416,8 +454,14 @@ def fake_run(run: Path, pipe: StableDiffusionPipeline, base: Path) -> Path:
     from selora.pipeline import DiffusionModel
 
     run.mkdir(parents=True)
-    cfg = load_config(base={"model": str(base), "lora_scale": SCALE, "unet_targets": "all-linear",
-                            "text_encoder_targets": "all-linear"})
+    cfg = load_config(
+        base={
+            "model": str(base),
+            "lora_scale": SCALE,
+            "unet_targets": "all-linear",
+            "text_encoder_targets": "all-linear",
+        }
+    )
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     model = DiffusionModel(pipe.unet, pipe.text_encoder)
     tensors = adapter_tensors(Adapters(model, lora_layers(model)))

@@ -1,5 +1,6 @@
 """selora.findings: the paired-seed image differences of chapter 6 and the noise-prediction errors
 under the true vs an altered prompt."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,13 +33,13 @@ def test_laterality_index_reads_where_each_side_word_puts_its_change():
     g = torch.Generator().manual_seed(0)
     normal = torch.rand(3, 1, 8, 8, generator=g)
     on_image_right, on_image_left = normal.clone(), normal.clone()
-    on_image_right[..., 5:] += 1.0   # the patient's LEFT (radiological convention)
-    on_image_left[..., :3] += 1.0    # the patient's right
+    on_image_right[..., 5:] += 1.0  # the patient's LEFT (radiological convention)
+    on_image_left[..., :3] += 1.0  # the patient's right
     assert findings.laterality_index(on_image_right, on_image_left, normal) == pytest.approx([1.0] * 3)
     assert findings.laterality_index(on_image_left, on_image_right, normal) == pytest.approx([-1.0] * 3)
     assert findings.laterality_index(on_image_right, on_image_right, normal) == pytest.approx([0.0] * 3)
     mixed = on_image_right.clone()
-    mixed[1] = on_image_left[1]      # seed 1 puts the "left" finding on the wrong side
+    mixed[1] = on_image_left[1]  # seed 1 puts the "left" finding on the wrong side
     assert findings.laterality_index(mixed, on_image_left, normal) == pytest.approx([1.0, 0.0, 1.0])
     with pytest.raises(ValueError, match="one shape"):
         findings.laterality_index(on_image_right[:2], on_image_left, normal)

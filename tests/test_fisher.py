@@ -1,4 +1,5 @@
 """Per-sample Fisher from hooks == torch.func per-sample reference (Eq. 3-5)."""
+
 import copy
 import math
 
@@ -62,7 +63,9 @@ def data(seed: int, n: int = 7, t: int = 4, dtype=torch.float64):
 
 def captured(model, x, y, reduction="mean"):
     """One controlled step (interval 1, no expansion): decisions and the candidate rows K."""
-    ctl = selora.ExpansionController(model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3), loss_reduction=reduction)
+    ctl = selora.ExpansionController(
+        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3), loss_reduction=reduction
+    )
     Ks = {name: c.K.clone() for name, c in ctl.captures.items()}
     per = ((model(x) - y) ** 2).sum(1)
     (per.mean() if reduction == "mean" else per.sum()).backward()
@@ -95,7 +98,9 @@ def test_gradient_accumulation_counts_samples_once():
     x, y = data(2, n=8)
     full, _ = captured(make_model(), x, y)
     model = make_model()
-    ctl = selora.ExpansionController(model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3))
+    ctl = selora.ExpansionController(
+        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3)
+    )
     for sl in (slice(0, 4), slice(4, 8)):
         (((model(x[sl]) - y[sl]) ** 2).sum(1).mean() / 2).backward()
     halves = {d.name: d for d in ctl.step()}
@@ -118,8 +123,13 @@ def test_differs_from_squared_mean_gradient():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    d_in=st.integers(1, 6), d_out=st.integers(1, 6), rank=st.integers(1, 3),
-    n=st.integers(1, 5), t=st.integers(1, 3), seed=st.integers(0, 10_000), zero_b=st.booleans(),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    rank=st.integers(1, 3),
+    n=st.integers(1, 5),
+    t=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    zero_b=st.booleans(),
 )
 def test_ratio_is_at_least_one(d_in, d_out, rank, n, t, seed, zero_b):
     torch.manual_seed(seed)
@@ -129,7 +139,9 @@ def test_ratio_is_at_least_one(d_in, d_out, rank, n, t, seed, zero_b):
         with torch.no_grad():
             for layer in layers.values():
                 layer.lora_B.normal_()
-    ctl = selora.ExpansionController(model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(seed))
+    ctl = selora.ExpansionController(
+        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(seed)
+    )
     x = torch.randn(n, t, d_in) if t > 1 else torch.randn(n, d_in)
     model(x).pow(2).mean().backward()
     for d in ctl.step():
@@ -170,7 +182,9 @@ def test_activation_checkpointing_with_accumulation_matches():
     for cls in (Mixed, Checkpointed, Reentrant):
         model = make_model()
         model.__class__ = cls
-        ctl = selora.ExpansionController(model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3))
+        ctl = selora.ExpansionController(
+            model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3)
+        )
         for sl in (slice(0, 3), slice(3, 6)):
             ((model(x[sl]) - y[sl]) ** 2).sum(1).mean().backward()
         results.append({d.name: (d.fi_orig, d.fi_exp) for d in ctl.step()})

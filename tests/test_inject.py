@@ -1,4 +1,5 @@
 """inject() into a tiny diffusers UNet and a tiny CLIP text model built from config (no downloads)."""
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -15,16 +16,33 @@ import selora
 def tiny_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, use_linear_projection=True,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        use_linear_projection=True,
     )
 
 
 def tiny_clip() -> CLIPTextModel:
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(cfg)
 
 
@@ -34,9 +52,11 @@ def n_linear(model: nn.Module) -> int:
 
 def authors_expected(unet: nn.Module) -> int:
     """to_q/to_k/to_v per attention, GEGLU proj per feed-forward, time_emb_proj per resnet."""
-    return (3 * sum(isinstance(m, Attention) for m in unet.modules())
-            + sum(isinstance(m, FeedForward) for m in unet.modules())
-            + sum(isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None for m in unet.modules()))
+    return (
+        3 * sum(isinstance(m, Attention) for m in unet.modules())
+        + sum(isinstance(m, FeedForward) for m in unet.modules())
+        + sum(isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None for m in unet.modules())
+    )
 
 
 def unet_forward(unet):
@@ -126,7 +146,8 @@ def test_second_injection_skips_adapted_layers():
     assert list(first) == ["0"] and list(second) == ["2"]
     assert type(model[0]) is selora.SeLoRALinear and type(model[0].base) is nn.Linear
     assert {id(p) for p in selora.trainable_parameters(model)} == {
-        id(p) for m in (model[0], model[2]) for p in (m.lora_A, m.lora_B)}
+        id(p) for m in (model[0], model[2]) for p in (m.lora_A, m.lora_B)
+    }
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         selora.inject(model, "all-linear")
 

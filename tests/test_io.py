@@ -1,4 +1,5 @@
 """selora.io: files and folders appear complete at their final path, or not at all."""
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,11 @@ def test_text_and_bytes_round_trip_and_overwrite(tmp_path: Path) -> None:
 
 def test_safetensors_round_trip_with_metadata(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.arange(5, dtype=torch.int64),
-               "c": torch.randn(2, generator=g).half()}
+    tensors = {
+        "a": torch.randn(3, 4, generator=g),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.randn(2, generator=g).half(),
+    }
     path = atomic_save_safetensors(tensors, tmp_path / "w.safetensors", {"format": "pt", "k": "v"})
     with safe_open(str(path), framework="pt") as fh:
         assert fh.metadata() == {"format": "pt", "k": "v"}

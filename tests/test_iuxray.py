@@ -1,4 +1,5 @@
 """IU X-ray loader on generated fixtures in both layouts: frontal only, findings, split by report."""
+
 from __future__ import annotations
 
 import csv
@@ -38,17 +39,21 @@ def make_openi(root, lateral_first=False, with_projections=False):
         front, lat = f"CXR{uid}_1_IM-{uid:04d}-4001", f"CXR{uid}_1_IM-{uid:04d}-3001"
         order = [lat, front] if lateral_first else [front, lat]
         images = "".join(f'<parentImage id="{i}"><figureId>F{k}</figureId></parentImage>' for k, i in enumerate(order))
-        xml = (f'<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="CXR{uid}"/><MedlineCitation><Article>'
-               f'<Abstract><AbstractText Label="COMPARISON">None.</AbstractText>'
-               f'<AbstractText Label="FINDINGS">{_findings(uid)}</AbstractText>'
-               f'<AbstractText Label="IMPRESSION">Normal chest.</AbstractText></Abstract></Article>'
-               f'</MedlineCitation>{images}</eCitation>')
+        xml = (
+            f'<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="CXR{uid}"/><MedlineCitation><Article>'
+            f'<Abstract><AbstractText Label="COMPARISON">None.</AbstractText>'
+            f'<AbstractText Label="FINDINGS">{_findings(uid)}</AbstractText>'
+            f'<AbstractText Label="IMPRESSION">Normal chest.</AbstractText></Abstract></Article>'
+            f"</MedlineCitation>{images}</eCitation>"
+        )
         (root / "ecgen-radiology").mkdir(parents=True, exist_ok=True)
         (root / "ecgen-radiology" / f"{uid}.xml").write_text(xml, encoding="utf-8")
         _png(root / "NLMCXR_png" / f"{front}.png", FRONTAL)
         _png(root / "NLMCXR_png" / f"{lat}.png", LATERAL)
-        rows += [(uid, f"{uid}_IM-{uid:04d}-4001.dcm.png", "Frontal"),
-                 (uid, f"{uid}_IM-{uid:04d}-3001.dcm.png", "Lateral")]
+        rows += [
+            (uid, f"{uid}_IM-{uid:04d}-4001.dcm.png", "Frontal"),
+            (uid, f"{uid}_IM-{uid:04d}-3001.dcm.png", "Lateral"),
+        ]
     if with_projections:
         _projections(root / "indiana_projections.csv", rows)
     return root

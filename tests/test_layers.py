@@ -1,4 +1,5 @@
 """LoRALinear / SeLoRALinear: layout, forward, merge, expansion (Eq. 1-2)."""
+
 import math
 
 import pytest

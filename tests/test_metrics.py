@@ -1,4 +1,5 @@
 """selora.frechet against scipy and closed forms; the paper-profile FID/CLIP paths with stand-in weights."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -58,6 +59,7 @@ def test_closed_forms():
     a, b = torch.rand(d, dtype=torch.float64) + 0.1, torch.rand(d, dtype=torch.float64) + 0.1
     want = float(((a.sqrt() - b.sqrt()) ** 2).sum())
     assert frechet_distance(mu, torch.diag(a), mu, torch.diag(b)) == pytest.approx(want, rel=1e-10)
+
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2
     def one(v: float) -> torch.Tensor:
         return torch.tensor([[v]], dtype=torch.float64)
@@ -143,10 +145,24 @@ def tiny_clip():
     """A random CLIP built from a config (no download) with SD v1.5's tokenizer and CLIP's image processor."""
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 224, "patch_size": 32, "projection_dim": 16},
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "projection_dim": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 32,
+            "projection_dim": 16,
+        },
         projection_dim=16,
     )
     model = CLIPModel(cfg).eval()
@@ -157,8 +173,12 @@ def tiny_clip():
 def test_clip_score_path_with_a_tiny_random_clip(tiny_clip):
     g = torch.Generator().manual_seed(1)
     images = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
-    prompts = ["female, 27 years: normal", "male, 60 years: right upper lobe cavity",
-               "female, 45 years: left pleural effusion", "male, 33 years: normal"]
+    prompts = [
+        "female, 27 years: normal",
+        "male, 60 years: right upper lobe cavity",
+        "female, 45 years: left pleural effusion",
+        "male, 33 years: normal",
+    ]
     score = metrics.clip_score(images, prompts, tiny_clip, batch_size=3)
     # the definition: 100 * cosine of the projected embeddings, averaged, clipped at 0
     model, processor = tiny_clip()

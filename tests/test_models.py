@@ -1,4 +1,5 @@
 """The shipped mini SD is a genuine diffusers folder: stock loading, offline, prompt-dependent output."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -82,11 +83,14 @@ def test_same_prompt_and_seed_is_identical_and_the_object_goes_where_the_prompt_
     a, b = (draw(pipe, ["a large white circle"], seed=3)[0] for _ in range(2))
     assert np.array_equal(a, b), "same prompt and seed must give the same image"
     seeds = (0, 1, 2)
-    left, right = (np.concatenate([draw(pipe, [f"a large white circle {where}"], seed=s) for s in seeds])
-                   for where in ("on the left", "on the right"))
+    left, right = (
+        np.concatenate([draw(pipe, [f"a large white circle {where}"], seed=s) for s in seeds])
+        for where in ("on the left", "on the right")
+    )
     x_left, x_right = bright_centroid_x(left), bright_centroid_x(right)
-    assert (x_left < 0.45).all() and (x_right > 0.55).all(), \
+    assert (x_left < 0.45).all() and (x_right > 0.55).all(), (
         f"the circle does not follow 'on the left' / 'on the right': centroids {x_left} vs {x_right}"
+    )
 
 
 def test_tokenizer_and_text_encoder_agree(pipe):
@@ -102,8 +106,21 @@ def test_tokenizer_and_text_encoder_agree(pipe):
 def test_unet_has_sd15_module_types(pipe):
     modules = dict(pipe.unet.named_modules())
     names = list(modules)
-    for suffix in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                   "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj", "proj_in", "proj_out"):
+    for suffix in (
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "time_emb_proj",
+        "proj_in",
+        "proj_out",
+    ):
         hits = [n for n in names if n.endswith(suffix)]
         assert hits, suffix
         assert all(isinstance(modules[n], torch.nn.Linear) for n in hits), suffix
@@ -160,7 +177,12 @@ def test_build_script_is_reproducible_and_a_snapshot_equals_a_shorter_run(tmp_pa
     assert _bytes(two, "text_encoder") == _bytes(snapshot, "text_encoder")
     assert _bytes(two, "vae") == _bytes(three, "vae") != _bytes(snapshot, "vae")  # stage 2 is deterministic
     reused = tmp_path / "reused"  # stage 1a taken from the snapshot instead of retrained: same model
-    assert build.main(["--out", str(reused), "--unet-steps", "2", "--snapshot-every", "0", "--vae-from", str(snapshot), *TINY]) == 0
+    assert (
+        build.main(
+            ["--out", str(reused), "--unet-steps", "2", "--snapshot-every", "0", "--vae-from", str(snapshot), *TINY]
+        )
+        == 0
+    )
     assert all(_bytes(reused, part) == _bytes(two, part) for part in ("unet", "text_encoder", "vae"))
     block_network(monkeypatch)
     refined = StableDiffusionPipeline.from_pretrained(three)

@@ -1,4 +1,5 @@
 """Montgomery pipeline: readings -> prompts, split, images, cache, download/extract, CLI, bad input."""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,6 +60,7 @@ def _readings(tmp_path, text: bytes | str, name="r.txt"):
 
 # ---- readings and prompts -------------------------------------------------------------------
 
+
 def test_parse_readings_and_prompt_format(tmp_path):
     path = _readings(tmp_path, "Patient's Sex: F \nPatient's Age: 027Y\nnormal \n")
     sex, age, findings, same = parse_readings(path)
@@ -67,27 +69,38 @@ def test_parse_readings_and_prompt_format(tmp_path):
 
 
 def test_parse_readings_real_quirks(tmp_path):
-    path = _readings(tmp_path, "Patient's Sex: O\r\nPatient's Age: 064Y \r\n\r\n"
-                               "NO REPORT (same pt as MCUCXR_0162_1)\r\n")
+    path = _readings(
+        tmp_path, "Patient's Sex: O\r\nPatient's Age: 064Y \r\n\r\nNO REPORT (same pt as MCUCXR_0162_1)\r\n"
+    )
     sex, age, findings, same = parse_readings(path)
     assert (sex, age, same) == ("O", 64, "MCUCXR_0162_1")
     assert make_prompt(sex, age, findings, abnormal=True) == "other, 64 years: abnormal, no report"
-    path = _readings(tmp_path, "Patient's Sex: M\nPatient's Age: 040Y\nright upper lobe cavity\n"
-                               "stable CXR since 6M; off Rx since 6M (same pt as MCUCXR_0113_1)\n")
+    path = _readings(
+        tmp_path,
+        "Patient's Sex: M\nPatient's Age: 040Y\nright upper lobe cavity\n"
+        "stable CXR since 6M; off Rx since 6M (same pt as MCUCXR_0113_1)\n",
+    )
     sex, age, findings, same = parse_readings(path)
     assert same == "MCUCXR_0113_1"
-    assert make_prompt(sex, age, findings, True) == \
-        "male, 40 years: right upper lobe cavity stable cxr since 6m; off rx since 6m"
+    assert (
+        make_prompt(sex, age, findings, True)
+        == "male, 40 years: right upper lobe cavity stable cxr since 6m; off rx since 6m"
+    )
     path = _readings(tmp_path, "Patient’s Sex: Female\nPatient’s Age: 18M\nnormal.\n")
-    assert parse_readings(path)[:2] == ("F", 1) and make_prompt(*parse_readings(path)[:3], False) == \
-        "female, 1 years: normal"
+    assert (
+        parse_readings(path)[:2] == ("F", 1)
+        and make_prompt(*parse_readings(path)[:3], False) == "female, 1 years: normal"
+    )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Patient's Age: 027Y\nnormal\n", "Sex"),
-    ("Patient's Sex: F\nnormal\n", "Age"),
-    ("Patient's Sex: F\nPatient's Age: 027Y\n   \n", "empty findings"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Patient's Age: 027Y\nnormal\n", "Sex"),
+        ("Patient's Sex: F\nnormal\n", "Age"),
+        ("Patient's Sex: F\nPatient's Age: 027Y\n   \n", "empty findings"),
+    ],
+)
 def test_readings_missing_fields(tmp_path, text, expected):
     path = _readings(tmp_path, text)
     with pytest.raises(DataError, match=expected) as err:
@@ -109,6 +122,7 @@ def test_every_phantom_prompt_has_the_format(root):
 
 # ---- split ------------------------------------------------------------------------------------
 
+
 def _fake_cases(n_normal=80, n_abnormal=58, repeats=((0, 1), (2, 3), (80, 81), (82, 83), (83, 84))):
     """Cases without files: ids 0..n-1, (a, b) in ``repeats`` = b is the same patient as a."""
     names = [f"MCUCXR_{i:04d}_{int(i >= n_normal)}" for i in range(n_normal + n_abnormal)]
@@ -121,7 +135,7 @@ def test_split_80_20_stratified_grouped_deterministic():
     groups = patient_groups(cases)
     assert len(set(groups)) == 138 - 5 and groups[82] == groups[84], "same-pt links are transitive"
     splits = {seed: split_indices(cases, seed) for seed in range(10)}
-    for seed, s in splits.items():
+    for s in splits.values():
         train, test = set(s["train"]), set(s["test"])
         assert not train & test and len(train | test) == 138
         assert abs(len(test) - 0.2 * 138) <= 2, len(test)
@@ -151,6 +165,7 @@ def test_grouped_split_invariants(groups, seed):
 
 
 # ---- images -----------------------------------------------------------------------------------
+
 
 def test_8bit_and_12bit_png_give_the_same_image(tmp_path):
     rng = np.random.default_rng(0)
@@ -230,11 +245,14 @@ def test_stray_files_ignored(root):
     assert len(scan(root)) == 30
 
 
-@pytest.mark.parametrize("where, expected", [
-    ("MontgomerySet", lambda r: f"point --root at {r}"),
-    ("MontgomerySet/CXR_png", lambda r: f"point --root at {r}"),
-    ("..", lambda r: f"point --root at {r}"),
-])
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        ("MontgomerySet", lambda r: f"point --root at {r}"),
+        ("MontgomerySet/CXR_png", lambda r: f"point --root at {r}"),
+        ("..", lambda r: f"point --root at {r}"),
+    ],
+)
 def test_root_pointing_at_the_wrong_folder(root, where, expected):
     wrong = root.parent if where == ".." else root / where
     with pytest.raises(DataError, match=re.escape(expected(root))):
@@ -242,6 +260,7 @@ def test_root_pointing_at_the_wrong_folder(root, where, expected):
 
 
 # ---- dataset and cache --------------------------------------------------------------------------
+
 
 def test_dataset_items_and_cache(root, tmp_path):
     cache = tmp_path / "cache"
@@ -280,6 +299,7 @@ def test_bad_split_name(root, tmp_path):
 
 
 # ---- archive: download, checksum, safe extraction ------------------------------------------------
+
 
 def _serve(files: dict[str, Path]):
     """A URL opener serving local files by URL; unknown URLs fail like a dead host."""
@@ -347,11 +367,14 @@ def _evil_zip(path, name, symlink=False):
     return path
 
 
-@pytest.mark.parametrize("name, symlink, why", [
-    ("MontgomerySet/../../evil.txt", False, "unsafe entry"),
-    ("/abs/evil.txt", False, "unsafe entry"),
-    ("MontgomerySet/link", True, "symbolic link"),
-])
+@pytest.mark.parametrize(
+    "name, symlink, why",
+    [
+        ("MontgomerySet/../../evil.txt", False, "unsafe entry"),
+        ("/abs/evil.txt", False, "unsafe entry"),
+        ("MontgomerySet/link", True, "symbolic link"),
+    ],
+)
 def test_unsafe_zip_entries_refused(tmp_path, name, symlink, why):
     bad = _evil_zip(tmp_path / "bad.zip", name, symlink)
     out = tmp_path / "out"
@@ -370,6 +393,7 @@ def test_local_zip_source_with_and_without_checksum(phantom, tmp_path):
 
 # ---- CLI and the profile helper ----------------------------------------------------------------
 
+
 def test_cli_summary(phantom, capsys):
     assert main(["--root", str(phantom)]) == 0
     out = capsys.readouterr().out
@@ -385,8 +409,9 @@ def test_cli_from_zip_and_errors(phantom, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "sha256 mismatch" in err and len(err.strip().splitlines()) == 1
     wrong_root = str(tmp_path / "r" / "MontgomerySet")
-    bad = subprocess.run([sys.executable, "-m", "selora.data.montgomery", "--root", wrong_root],
-                         capture_output=True, text=True)  # the real process: exit status and one line
+    bad = subprocess.run(
+        [sys.executable, "-m", "selora.data.montgomery", "--root", wrong_root], capture_output=True, text=True
+    )  # the real process: exit status and one line
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "point --root at" in bad.stderr
 
 

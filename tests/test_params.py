@@ -1,5 +1,6 @@
 """selora.params: the one way parameters are counted — trainable vs frozen base, per component by
 name prefix — on small modules and on the shipped mini SD with real adapters."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,16 +46,25 @@ def test_per_component_groups_by_name_prefix_and_rejects_strangers():
 def test_trainable_and_adapter_counts_on_a_small_model():
     model = two_part_model(rank=2)
     counts = trainable_counts(model, lora_rank=3, components=PARTS)
-    assert counts == {"a": {"selora": 2 * 30, "lora": 3 * 30}, "b": {"selora": 2 * 11, "lora": 3 * 11},
-                      "total": {"selora": 2 * 41, "lora": 3 * 41}}
-    tensors = {f"{name}.{key}": p for name, layer in lora_layers(model).items()
-               for key, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))}
+    assert counts == {
+        "a": {"selora": 2 * 30, "lora": 3 * 30},
+        "b": {"selora": 2 * 11, "lora": 3 * 11},
+        "total": {"selora": 2 * 41, "lora": 3 * 41},
+    }
+    tensors = {
+        f"{name}.{key}": p
+        for name, layer in lora_layers(model).items()
+        for key, p in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+    }
     got = adapter_counts(tensors, model, components=PARTS)
     for part in PARTS:
         c = count_parameters(model[part])
         assert got[part] == {"trainable": c.trainable, "base": c.base, "fraction": c.trainable / c.base}
-    assert got["total"] == {"trainable": 82, "base": count_parameters(model).base,
-                            "fraction": 82 / count_parameters(model).base}
+    assert got["total"] == {
+        "trainable": 82,
+        "base": count_parameters(model).base,
+        "fraction": 82 / count_parameters(model).base,
+    }
     with pytest.raises(ValueError, match="no LoRA/SeLoRA layers"):
         trainable_counts(nn.Linear(2, 2), components=PARTS)
 

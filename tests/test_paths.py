@@ -1,4 +1,5 @@
 """Cache location: SELORA_CACHE wins; in a checkout the default stays inside the repository."""
+
 from pathlib import Path
 
 from selora import paths

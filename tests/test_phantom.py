@@ -1,4 +1,5 @@
 """The phantom Montgomery set: layout, quirks, determinism, and images that carry the prompt."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,8 @@ def test_layout_counts_and_bit_depth(default_set):
     assert all(re.fullmatch(r"MCUCXR_\d{4}_[01]", p.stem) for p in images)
     for sub in ("ClinicalReadings", "ManualMask/leftMask", "ManualMask/rightMask"):
         assert sorted(p.stem for p in (default_set / sub).iterdir() if p.suffix in (".txt", ".png")) == [
-            p.stem for p in images]
+            p.stem for p in images
+        ]
     with Image.open(images[0]) as img:
         arr = np.asarray(img)
         assert img.size == (256, 312), "portrait width x height"
@@ -103,8 +105,8 @@ def test_sex_and_age_are_visible(default_set):
             arr = np.asarray(img, dtype=np.float32) / 4095
         h, w = arr.shape
         widths.append((arr[int(0.45 * h)] > 0.2).sum() / w)
-        spine = arr[int(0.2 * h): int(0.32 * h), int(0.48 * w): int(0.52 * w)].mean()
-        beside = arr[int(0.2 * h): int(0.32 * h), int(0.445 * w): int(0.455 * w)].mean()
+        spine = arr[int(0.2 * h) : int(0.32 * h), int(0.48 * w) : int(0.52 * w)].mean()
+        beside = arr[int(0.2 * h) : int(0.32 * h), int(0.445 * w) : int(0.455 * w)].mean()
         bones.append(spine - beside)
         ages.append(int(re.search(r"Age: (\d+)", text).group(1)))
         sexes.append(sex)
@@ -128,7 +130,10 @@ def test_cli_bad_counts_exit_2(tmp_path, capsys):
 
 
 def test_cli_bad_size_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "selora.data.phantom", "--out", str(tmp_path), "--size", "big"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "selora.data.phantom", "--out", str(tmp_path), "--size", "big"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "WIDTHxHEIGHT" in proc.stderr
     assert not (tmp_path / "MontgomerySet").exists()

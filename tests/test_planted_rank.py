@@ -11,6 +11,7 @@ is left of it lies mostly inside range(B) (measured rho ~ 0.6-1.0) and the in/ou
 pushes the ratio below 1.1. With square layers (in = out) that term is too weak and the ranks follow
 ||A||_F rather than the planted rank (all layers grew towards full rank in a 16 -> 16 version).
 """
+
 import torch
 from torch import nn
 

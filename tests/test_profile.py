@@ -1,4 +1,5 @@
 """Profile selection: SELORA_PROFILE wins, else paper iff CUDA; the offline profile never downloads."""
+
 import pytest
 import torch
 

@@ -6,6 +6,7 @@ alignment proxy ranks matched image–prompt pairs above shuffled ones, and both
 are not chest X-rays (the mini SD's pretraining domain; samples of the base model itself) from
 real held-out images. Numbers are printed (run with -s) and labelled "proxy".
 """
+
 import importlib.util
 import json
 from itertools import pairwise
@@ -87,16 +88,20 @@ def test_shipped_proxies_were_trained_on_the_train_split_only():
         assert set(prov["cases"]) == {cases[i].case_id for i in split["train"]}
 
 
-@pytest.mark.parametrize("name,degrade,levels",
-                         [("blur", gaussian_blur, BLUR_SIGMAS), ("noise", add_noise, NOISE_SIGMAS)])
+@pytest.mark.parametrize(
+    "name,degrade,levels", [("blur", gaussian_blur, BLUR_SIGMAS), ("noise", add_noise, NOISE_SIGMAS)]
+)
 def test_frechet_proxy_grows_monotonically_with_degradation(data, name, degrade, levels):
     """Clean test images vs the same images degraded more and more; the train-vs-test distance is
     the sampling floor of two different sets of real images."""
     ref = proxies.proxy_features(data["test"])
     fd = [frechet_distance_features(ref, proxies.proxy_features(degrade(data["test"], s))) for s in levels]
     floor = proxies.fid_proxy(data["train"], data["test"])
-    print(f"\nFréchet distance (offline proxy), test vs test + {name} {levels}: " + ", ".join(f"{v:.2f}" for v in fd)
-          + f"; real train vs real test: {floor:.2f}")
+    print(
+        f"\nFréchet distance (offline proxy), test vs test + {name} {levels}: "
+        + ", ".join(f"{v:.2f}" for v in fd)
+        + f"; real train vs real test: {floor:.2f}"
+    )
     assert all(b > a for a, b in pairwise(fd)), f"proxy FD must grow with {name} strength: {fd}"
     assert fd[-1] > 2 * floor, f"strong {name} ({fd[-1]:.1f}) must stand well above real-vs-real ({floor:.1f})"
 
@@ -104,8 +109,10 @@ def test_frechet_proxy_grows_monotonically_with_degradation(data, name, degrade,
 @pytest.fixture(scope="module")
 def unlike(data):
     n = len(data["prompts"])
-    return {"pretraining domain": pretraining_domain_images(n),
-            "base model samples": base_model_samples(data["prompts"])}
+    return {
+        "pretraining domain": pretraining_domain_images(n),
+        "base model samples": base_model_samples(data["prompts"]),
+    }
 
 
 def test_frechet_proxy_separates_non_cxr_images_from_held_out_real(data, unlike):
@@ -126,9 +133,11 @@ def test_alignment_proxy_ranks_matched_pairs_above_shuffled(data):
     margin = float((matched - shuffled).mean())
     wins = float((matched > shuffled).float().mean())
     top = float((sim.argsort(1, descending=True)[:, : n // 4] == torch.arange(n)[:, None]).any(1).float().mean())
-    print(f"\nalignment (offline proxy), test split: matched {float(matched.mean()):.1f}, shuffled "
-          f"{float(shuffled.mean()):.1f}, margin {margin:.1f}; matched > its shuffled mean for {wins:.0%}; "
-          f"true prompt in top quarter for {top:.0%}")
+    print(
+        f"\nalignment (offline proxy), test split: matched {float(matched.mean()):.1f}, shuffled "
+        f"{float(shuffled.mean()):.1f}, margin {margin:.1f}; matched > its shuffled mean for {wins:.0%}; "
+        f"true prompt in top quarter for {top:.0%}"
+    )
     assert margin > 5.0, f"matched pairs must score clearly above shuffled ones (margin {margin:.1f})"
     assert wins >= 0.75, f"matched pair above the shuffled mean for only {wins:.0%} of test images"
 
@@ -142,8 +151,10 @@ def test_alignment_proxy_reads_findings_not_just_demographics(data):
     normal = [p.split(":")[0] + ": normal" for p in prompts]
     true, swapped = model.score(data["test"][idx], prompts), model.score(data["test"][idx], normal)
     wins = float((true > swapped).float().mean())
-    print(f"\nalignment (offline proxy), {len(idx)} abnormal test images: own findings {float(true.mean()):.1f}, "
-          f"findings -> 'normal' {float(swapped.mean()):.1f}; own wins for {wins:.0%}")
+    print(
+        f"\nalignment (offline proxy), {len(idx)} abnormal test images: own findings {float(true.mean()):.1f}, "
+        f"findings -> 'normal' {float(swapped.mean()):.1f}; own wins for {wins:.0%}"
+    )
     assert len(idx) >= 5 and wins >= 0.75, f"the proxy must prefer the true findings ({wins:.0%})"
 
 
@@ -195,9 +206,11 @@ def test_trainer_metrics_take_pil_images(data):
     back = metrics.images_from_pil(pil)
     assert back.shape == data["test"].shape and (back - data["test"]).abs().max() < 1 / 255 + 1e-6
     assert fns["fid_proxy"](pil, data["prompts"], data["train"]) == pytest.approx(
-        proxies.fid_proxy(data["train"], back))
+        proxies.fid_proxy(data["train"], back)
+    )
     assert fns["alignment_proxy"](pil, data["prompts"], data["train"]) == pytest.approx(
-        proxies.alignment_proxy(back, data["prompts"]))
+        proxies.alignment_proxy(back, data["prompts"])
+    )
 
 
 def test_fingerprint_identifies_the_weights(tmp_path):

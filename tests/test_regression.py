@@ -8,6 +8,7 @@ tolerances below are ~50x those. An expansion decision whose reference ratio lie
 :data:`RATIO_MARGIN` of lambda may legitimately go the other way on another CPU; everything after
 such a flip is a different run, so the comparison stops there (and says so).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -92,7 +93,10 @@ def test_run_matches_the_committed_reference(method, tmp_path):
     assert len(ref_hist) == len(got_hist) and [h["ranks"] for h in ref_hist] == [h["ranks"] for h in got_hist]
     ref_ranks = json.loads((ref_dir / "ranks.json").read_text())
     assert json.loads((run / "checkpoints" / "last" / "ranks.json").read_text()) == ref_ranks
-    ref, got = load_file(str(ref_dir / "adapters.safetensors")), load_file(str(run / "checkpoints/last/adapters.safetensors"))
+    ref, got = (
+        load_file(str(ref_dir / "adapters.safetensors")),
+        load_file(str(run / "checkpoints/last/adapters.safetensors")),
+    )
     assert ref.keys() == got.keys()
     for key, t in ref.items():
         assert got[key].shape == t.shape, key

@@ -1,4 +1,5 @@
 """selora.results: publishing an experiment's light files and loading them back; the committed table reproduces."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,12 @@ def _fake_experiment(root, with_ranks=True):
     for method, seed in (("selora", 0), ("lora", 0)):
         run_dir = root / "runs" / f"{method}-seed{seed}"
         (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "adapters.safetensors").write_bytes(b"heavy")          # must not be published
-        history = [{"step": 0, "ranks": {"unet.a": 1, "unet.b": 1}}, {"step": 10, "ranks": {"unet.a": 2, "unet.b": 1}},
-                   {"step": 20, "ranks": {"unet.a": 3, "unet.b": 2 + seed}}]
+        (run_dir / "adapters.safetensors").write_bytes(b"heavy")  # must not be published
+        history = [
+            {"step": 0, "ranks": {"unet.a": 1, "unet.b": 1}},
+            {"step": 10, "ranks": {"unet.a": 2, "unet.b": 1}},
+            {"step": 20, "ranks": {"unet.a": 3, "unet.b": 2 + seed}},
+        ]
         (run_dir / "rank_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         pixels = torch.full((3, 1, 4, 4), 10 * (seed + len(method)), dtype=torch.uint8)
         save_file({"images": pixels}, str(run_dir / results.SAMPLES))
@@ -38,9 +42,14 @@ def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
     src = _fake_experiment(tmp_path / "exp")
     dest = results.publish(src, "demo", tmp_path / "published")
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert files == ["results.json", "results.md", "runs/lora-seed0/test-samples.safetensors",
-                     "runs/lora-seed0/total-rank.json", "runs/selora-seed0/test-samples.safetensors",
-                     "runs/selora-seed0/total-rank.json"]
+    assert files == [
+        "results.json",
+        "results.md",
+        "runs/lora-seed0/test-samples.safetensors",
+        "runs/lora-seed0/total-rank.json",
+        "runs/selora-seed0/test-samples.safetensors",
+        "runs/selora-seed0/total-rank.json",
+    ]
     exp = results.load(dest)
     assert exp.run("lora", 0)["ranks"] == {"unet.a": 4}
     assert exp.final_ranks("selora") == {0: {"unet.a": 2}}
@@ -56,7 +65,7 @@ def test_per_seed_reads_metrics_and_run_numbers_in_seed_order(tmp_path):
     root = _fake_experiment(tmp_path / "exp")
     data = json.loads((root / "results.json").read_text())
     extra = dict(data["runs"][0], seed=2, metrics={"fid_proxy": 3.5}, total_rank=7)
-    data["runs"] = [extra] + [dict(r, total_rank=5) for r in data["runs"]]   # seed 2 listed first
+    data["runs"] = [extra] + [dict(r, total_rank=5) for r in data["runs"]]  # seed 2 listed first
     (root / "results.json").write_text(json.dumps(data))
     exp = results.load(root)
     assert exp.per_seed("selora", "fid_proxy") == {0: 1.0, 2: 3.5}
@@ -105,10 +114,27 @@ def test_a_published_table1_cell_reproduces(tmp_path):
     method, seed = "lora", 0
     record = exp.run(method, seed)
     out = tmp_path / "check"
-    cmd = [sys.executable, "-m", "selora.evaluate", "--methods", method, "--seeds", str(seed), "--out", str(out),
-           "--config", prov["config"], "--no-progress", *(a for o in prov["overrides"] for a in ("--set", o))]
-    env = {**os.environ, "SELORA_PROFILE": prov["profile"], "SELORA_THREADS": str(prov["threads"]),
-           "PYTHONHASHSEED": "0"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "selora.evaluate",
+        "--methods",
+        method,
+        "--seeds",
+        str(seed),
+        "--out",
+        str(out),
+        "--config",
+        prov["config"],
+        "--no-progress",
+        *(a for o in prov["overrides"] for a in ("--set", o)),
+    ]
+    env = {
+        **os.environ,
+        "SELORA_PROFILE": prov["profile"],
+        "SELORA_THREADS": str(prov["threads"]),
+        "PYTHONHASHSEED": "0",
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-2000:]
     again = json.loads((out / "runs" / f"{method}-seed{seed}" / "evaluation.json").read_text())

@@ -1,4 +1,5 @@
 """Sampling from a trained run: the CLI, merged vs unmerged adapters, prompts, seeds, errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from selora.config import load_config
-from selora.sample import generate, main, read_prompts
-from selora.models import load_pipeline
-from selora.rundir import load_run
-from selora.trainer import Trainer
 from test_train import _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
-PROMPTS = ["male, 40 years: normal", "female, 63 years: right upper lobe cavity", "female, 35 years: left pleural effusion"]
+from selora.config import load_config
+from selora.models import load_pipeline
+from selora.rundir import load_run
+from selora.sample import generate, main, read_prompts
+from selora.trainer import Trainer
+
+PROMPTS = [
+    "male, 40 years: normal",
+    "female, 63 years: right upper lobe cavity",
+    "female, 35 years: left pleural effusion",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,24 @@ def test_cli_writes_pngs_grid_and_prompts(run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# CXR prompts\n" + "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "out"
-    assert main(["--run", str(run), "--prompts", str(prompts), "--steps", "3", "--batch", "2", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--run",
+                str(run),
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     imgs = pixels(out, 3)
     assert all(im.shape == (16, 16, 3) for im in imgs)
     assert json.loads((out / "prompts.json").read_text()) == PROMPTS
@@ -44,8 +65,26 @@ def test_cli_writes_pngs_grid_and_prompts(run, tmp_path):
     # the output depends on the prompt (same seed offset would otherwise be the only difference)
     same = tmp_path / "same"
     prompts.write_text("\n".join([PROMPTS[0]] * 3))
-    assert main(["--run", str(run), "--prompts", str(prompts), "--steps", "3", "--seed", "-1", "--batch", "3",
-                 "--out", str(same), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--run",
+                str(run),
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "3",
+                "--seed",
+                "-1",
+                "--batch",
+                "3",
+                "--out",
+                str(same),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     again = pixels(same, 3)
     assert np.abs(again[1] - imgs[0]).max() <= 1  # prompt 0 with seed -1 + 1 = 0, as above
     assert np.abs(again[2] - imgs[1]).mean() > 1  # same seed as image 1, other prompt
@@ -54,8 +93,26 @@ def test_cli_writes_pngs_grid_and_prompts(run, tmp_path):
 def test_images_do_not_depend_on_the_batch_size(run, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out, batch in ((a, "1"), (b, "3")):
-        assert main(["--run", str(run), "--split", "test", "--limit", "3", "--steps", "2", "--batch", batch,
-                     "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "--run",
+                    str(run),
+                    "--split",
+                    "test",
+                    "--limit",
+                    "3",
+                    "--steps",
+                    "2",
+                    "--batch",
+                    batch,
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert all(np.abs(x - y).max() <= 1 for x, y in zip(pixels(a, 3), pixels(b, 3)))
     cfg = load_config(run / "config.yaml")
     assert json.loads((a / "prompts.json").read_text()) == [p for p in load_run_prompts(cfg)][:3]
@@ -74,8 +131,9 @@ def test_merged_equals_unmerged_and_adapters_change_the_output(run):
     base = load_pipeline(cfg.model, torch.float32, torch.device("cpu"))
     assert not any("lora" in n for n, _ in merged.unet.named_parameters())
     kw = dict(resolution=16, steps=3, guidance=7.5, seed=0, batch=3, progress=False)
-    u, m, b = (np.stack([np.asarray(i, dtype=np.int16) for i in generate(p, PROMPTS, **kw)])
-               for p in (unmerged, merged, base))
+    u, m, b = (
+        np.stack([np.asarray(i, dtype=np.int16) for i in generate(p, PROMPTS, **kw)]) for p in (unmerged, merged, base)
+    )
     assert np.abs(u - m).max() <= 1, "merging changed the images"
     assert np.abs(u - b).mean() > 1.0, "the trained adapters do not change the images"
 

@@ -1,6 +1,7 @@
 """selora.stats against scipy.stats (a test-only dependency): means and standard errors, Welch's t
 test with its degrees of freedom, p-value, critical value and interval, the Student-t distribution,
 Spearman's rank correlation; and the errors on input they cannot handle."""
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ def test_spearman_matches_scipy_with_ties():
 
     rng = np.random.default_rng(0)
     for _ in range(20):
-        a = rng.integers(0, 4, 12).astype(float)               # many ties
+        a = rng.integers(0, 4, 12).astype(float)  # many ties
         b = a + rng.normal(0, 1.5, 12)
         if a.std() == 0:
             continue

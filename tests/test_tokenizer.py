@@ -8,13 +8,14 @@ merge, or a different pre-tokenisation shows up as different ids. open_clip's mo
 not used: it imports ``ftfy`` and ``torch``-heavy siblings through its package ``__init__``.
 Without ftfy the reference skips ``ftfy.fix_text``; the prompts below are already NFC text.
 """
+
 from __future__ import annotations
 
 import gzip
 import html
 import json
 import string
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import regex
@@ -52,7 +53,7 @@ class ReferenceCLIPTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.special = ("<|startoftext|>", "<|endoftext|>")  # CLIP's BPE cache maps them to themselves
 
-    @lru_cache(maxsize=None)
+    @cache  # noqa: B019 (a test-only reference tokenizer, a handful of instances)
     def bpe(self, token: str) -> str:
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:

@@ -1,4 +1,5 @@
 """selora.toy: planted-rank tasks, the stacked model, the training loop, SD-1.5 layer shapes."""
+
 import pytest
 import torch
 
@@ -67,8 +68,8 @@ def test_lora_param_count():
 def test_sd15_shapes_match_the_published_model_sizes():
     unet = toy.sd15_linear_shapes("unet")
     text = toy.sd15_linear_shapes("text-encoder")
-    assert unet.total_params == 859_520_964      # SD-1.5 UNet
-    assert text.total_params == 123_060_480      # CLIP ViT-L/14 text model
+    assert unet.total_params == 859_520_964  # SD-1.5 UNet
+    assert text.total_params == 123_060_480  # CLIP ViT-L/14 text model
     names = [n for n, _, _ in unet.linears]
     assert any(n.endswith("attn2.to_k") for n in names)
     k = dict((n, (i, o)) for n, i, o in unet.linears)["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
@@ -94,8 +95,8 @@ def test_score_once_matches_a_per_sample_loop_and_changes_nothing():
     naive = 0.0
     for i in range(6):
         layer.zero_grad()
-        ((layer(x[i:i + 1]) - y[i:i + 1]) ** 2).mean().backward()
-        naive += (layer.lora_A.grad ** 2).sum().item() + (layer.lora_B.grad ** 2).sum().item()
+        ((layer(x[i : i + 1]) - y[i : i + 1]) ** 2).mean().backward()
+        naive += (layer.lora_A.grad**2).sum().item() + (layer.lora_B.grad**2).sum().item()
     d = decisions[""]
     assert d.fi_orig == pytest.approx(naive / 6, rel=1e-9)
     assert d.fi_exp >= d.fi_orig and not d.expanded and K[""].shape == (1, 5)
@@ -127,7 +128,7 @@ def test_rms_matched_rows_scales_K_to_the_average_row_of_A():
     with torch.no_grad():
         layer.lora_A.mul_(0.01)
     K = toy.rms_matched_rows(layer)(3, 5, torch.Generator().manual_seed(0))
-    rms = (layer.lora_A.detach().float().norm() / 2 ** 0.5).item()
+    rms = (layer.lora_A.detach().float().norm() / 2**0.5).item()
     assert K.shape == (3, 5)
     assert torch.allclose(K.norm(dim=1), torch.full((3,), rms), rtol=1e-5)
 

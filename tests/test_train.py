@@ -1,5 +1,6 @@
 """The trainer on a tiny random-init SD pipeline (built from config, saved as a real diffusers
 folder) and a small phantom Montgomery set: outputs, resume (bitwise), non-finite steps, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -35,24 +36,52 @@ def make_tiny_pipeline(folder: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=RES // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16,
+        sample_size=RES // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=2,
+        cross_attention_dim=16,
         use_linear_projection=True,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=RES,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
     )
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=16,
+            intermediate_size=32,
+            projection_dim=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer("offline"), unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=load_clip_tokenizer("offline"),
+        unet=unet,
         scheduler=PNDMScheduler(**sd15_scheduler_config(), skip_prk_steps=True),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -79,9 +108,20 @@ def _cache(assets, monkeypatch):
 def tiny_overrides(assets: dict[str, Path], **extra) -> list[str]:
     """--set items for a fast run: tiny model, small phantom set, 16 px, batch 4, test every 3 steps."""
     values = {
-        "model": str(assets["model"]), "dataset": "montgomery-phantom", "data_root": str(assets["data"]),
-        "resolution": RES, "batch_size": 4, "epochs": 2, "interval": 3, "threshold": 1.0001, "lr": 1e-2,
-        "num_samples": 2, "sample_steps": 2, "eval_every": 1, "prompt_dropout": 0.2, "max_grad_norm": 1.0,
+        "model": str(assets["model"]),
+        "dataset": "montgomery-phantom",
+        "data_root": str(assets["data"]),
+        "resolution": RES,
+        "batch_size": 4,
+        "epochs": 2,
+        "interval": 3,
+        "threshold": 1.0001,
+        "lr": 1e-2,
+        "num_samples": 2,
+        "sample_steps": 2,
+        "eval_every": 1,
+        "prompt_dropout": 0.2,
+        "max_grad_norm": 1.0,
     }
     values.update(extra)
     return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
@@ -126,7 +166,9 @@ def test_run_directory_contents_and_rank_growth(assets, tmp_path, monkeypatch):
     assert any(k.startswith("text_encoder.") for k in final) and any(k.startswith("unet.") for k in final)
     assert not any(k.startswith("vae") for k in final)
     adapters = load_file(str(run / "adapters.safetensors"))
-    assert {k: v.shape[0] for k, v in adapters.items() if k.endswith("lora_A")} == {f"{k}.lora_A": r for k, r in final.items()}
+    assert {k: v.shape[0] for k, v in adapters.items() if k.endswith("lora_A")} == {
+        f"{k}.lora_A": r for k, r in final.items()
+    }
     assert train[-1]["total_rank"] == sum(final.values())
     # best checkpoint = lowest eval loss; sample grids and the config copy exist
     best = json.loads((run / "best" / "state.json").read_text())
@@ -187,8 +229,9 @@ def test_non_finite_loss_is_skipped_then_stops(assets, tmp_path):
     saved = load_file(str(run2 / "checkpoints" / "last" / "adapters.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
     # and the intact checkpoint resumes (the NaN hook removed)
-    summary = Trainer(load_config(run2 / "config.yaml", ["debug_nan_steps=[]"]), run2, resume=True, max_steps=6,
-                      progress=False).run()
+    summary = Trainer(
+        load_config(run2 / "config.yaml", ["debug_nan_steps=[]"]), run2, resume=True, max_steps=6, progress=False
+    ).run()
     assert summary["step"] == 6
 
 
@@ -208,8 +251,9 @@ def test_gradient_checkpointing_gives_the_same_run(assets, tmp_path):
 # -- command line --------------------------------------------------------------------------------
 def run_cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SELORA_CACHE": str(cache), "SELORA_PROFILE": "offline", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "selora.train", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "selora.train", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 @pytest.mark.parametrize(
@@ -233,8 +277,10 @@ def test_bad_input_exits_2_before_any_work(tmp_path, capsys, args, message):
 def test_cli_trains_stops_and_resumes(assets, tmp_path, capsys):
     out = tmp_path / "run"
     sets = [a for item in tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0) for a in ("--set", item)]
-    proc = run_cli(["--config", "montgomery-offline", "--out", str(out), *sets, "--max-steps", "2", "--no-progress"],
-                   assets["cache"])
+    proc = run_cli(
+        ["--config", "montgomery-offline", "--out", str(out), *sets, "--max-steps", "2", "--no-progress"],
+        assets["cache"],
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
     assert main(["--config", "montgomery-offline", "--out", str(out)]) == 2

@@ -1,4 +1,5 @@
 """selora.viz: the method colour map and the small plotting helpers."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,7 +29,7 @@ def test_step_plot_draws_one_line_per_series_with_given_colours():
     fig, ax = plt.subplots()
     viz.step_plot(ax, {"lora": [3, 2, 1], "selora": [1, 1]}, logy=True, colors=viz.METHOD_COLORS)
     lines = ax.get_lines()
-    assert [l.get_label() for l in lines] == ["lora", "selora"]
+    assert [line.get_label() for line in lines] == ["lora", "selora"]
     assert list(lines[0].get_xdata()) == [1, 2, 3]
     assert mcolors.to_hex(lines[1].get_color()) == viz.METHOD_COLORS["selora"].lower()
     assert ax.get_yscale() == "log"
@@ -38,7 +39,7 @@ def test_step_plot_draws_one_line_per_series_with_given_colours():
 def test_rank_trajectories_marks_planted_ranks_and_checks_lengths():
     fig, ax = plt.subplots()
     viz.rank_trajectories(ax, [0, 40, 80], {"a": [1, 2, 2], "b": [1, 1, 1]}, planted={"a": 2, "b": 1})
-    labels = [l.get_label() for l in ax.get_lines() if not l.get_label().startswith("_")]
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     assert labels == ["a (planted 2)", "b (planted 1)"]
     assert len(ax.get_lines()) == 4  # two trajectories + two dashed planted levels
     with pytest.raises(ValueError, match=r"ranks\['a'\] has 2 values, expected 3"):
@@ -95,7 +96,7 @@ def test_rank_map_annotates_cells_and_leaves_missing_blank():
     grid = np.array([[1.0, np.nan], [2.5, 4.0]])
     image = viz.rank_map(ax, ["T 0", "U mid"], ["text q", "attn2 k"], grid)
     texts = sorted(t.get_text() for t in ax.texts)
-    assert texts == ["1.0", "2.5", "4.0"]                     # NaN cell not annotated
+    assert texts == ["1.0", "2.5", "4.0"]  # NaN cell not annotated
     assert image.get_array().mask[0, 1] and not image.get_array().mask[1, 1]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["T 0", "U mid"]
     with pytest.raises(ValueError, match="locations, kinds"):
@@ -108,11 +109,13 @@ def test_method_bars_one_coloured_bar_per_method_with_reference_lines():
     viz.method_bars(ax, {"selora": (2.0, 0.5), "lora": (3.0, None)}, {"base model": 9.0, "real scans": 1.0})
     bars = ax.patches
     assert [b.get_height() for b in bars] == [2.0, 3.0]
-    assert [mcolors.to_hex(b.get_facecolor()) for b in bars] == [viz.METHOD_COLORS["selora"].lower(),
-                                                                 viz.METHOD_COLORS["lora"].lower()]
+    assert [mcolors.to_hex(b.get_facecolor()) for b in bars] == [
+        viz.METHOD_COLORS["selora"].lower(),
+        viz.METHOD_COLORS["lora"].lower(),
+    ]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["selora", "lora"]
-    refs = [l for l in ax.get_lines() if l.get_label() in ("base model", "real scans")]
-    assert sorted(l.get_ydata()[0] for l in refs) == [1.0, 9.0]
+    refs = [line for line in ax.get_lines() if line.get_label() in ("base model", "real scans")]
+    assert sorted(line.get_ydata()[0] for line in refs) == [1.0, 9.0]
     with pytest.raises(KeyError, match="'qlora'"):
         viz.method_bars(ax, {"qlora": (1.0, 0.1)})
     with pytest.raises(ValueError, match="at least one method"):

@@ -4,6 +4,7 @@
 writes the phantom set into ``selora.paths.cache_dir("data", ...)`` on first use; in the paper
 profile it downloads the real set there (NLM's terms: never redistribute or commit its files).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,17 @@ if TYPE_CHECKING:
 
 # Re-exports load lazily (PEP 562) so ``python -m selora.data.phantom`` / ``.montgomery`` run cleanly.
 _EXPORTS = {
-    "IUXrayDataset": "iuxray", "scan_iuxray": "iuxray",
-    "PROMPT_FORMAT": "montgomery", "Case": "montgomery", "MontgomeryDataset": "montgomery",
-    "download_montgomery": "montgomery", "make_prompt": "montgomery", "parse_readings": "montgomery",
-    "scan": "montgomery", "split_indices": "montgomery", "summarise": "montgomery",
+    "IUXrayDataset": "iuxray",
+    "scan_iuxray": "iuxray",
+    "PROMPT_FORMAT": "montgomery",
+    "Case": "montgomery",
+    "MontgomeryDataset": "montgomery",
+    "download_montgomery": "montgomery",
+    "make_prompt": "montgomery",
+    "parse_readings": "montgomery",
+    "scan": "montgomery",
+    "split_indices": "montgomery",
+    "summarise": "montgomery",
     "make_phantom_set": "phantom",
 }
 

@@ -3,6 +3,7 @@
 Used by :func:`selora.data.montgomery.download_montgomery`; the code is generic so that the
 tests can feed it a local zip and a fake URL opener through exactly the same path.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,9 @@ import hashlib
 import http.client
 import stat
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 from urllib.request import urlopen
 
 from tqdm.auto import tqdm

@@ -3,12 +3,13 @@
 The file name carries a hash of the source files' bytes and of the transform, so any change to
 either builds a new cache; later epochs read only this file, never the PNGs.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -84,7 +85,8 @@ class ImageStack:
             folder = Path(cache_dir) if cache_dir is not None else default_cache_dir("data", "preprocessed")
             transform = {"size": size, "crop": "center", "v": TRANSFORM_VERSION}
             self.images, self.path, self.from_cache = cached_stack(
-                self.files, transform, lambda f: load_image(f, size), folder, prefix, dtype)
+                self.files, transform, lambda f: load_image(f, size), folder, prefix, dtype
+            )
 
     def __len__(self) -> int:
         return len(self.files)

@@ -1,4 +1,5 @@
 """The one exception the data pipeline raises for bad input: a single line naming file and fix."""
+
 from __future__ import annotations
 
 

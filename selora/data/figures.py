@@ -1,4 +1,5 @@
 """Figures of the data chapter: case grids with prompts, the resize/crop, token lengths."""
+
 from __future__ import annotations
 
 import textwrap

@@ -2,6 +2,7 @@
 
 Every decoding problem becomes a one-line :class:`DataError` naming the file.
 """
+
 from __future__ import annotations
 
 import warnings

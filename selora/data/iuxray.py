@@ -11,15 +11,16 @@ Two layouts are recognised under ``root``:
 Frontal views only; the prompt is the report's FINDINGS text (reports without findings are
 skipped); split 80/16/4 train/validation/test **by report**, so no study crosses splits.
 """
+
 from __future__ import annotations
 
 import csv
 import re
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -129,8 +130,9 @@ def scan_iuxray(root: Path | str) -> list[Study]:
         )
     missing = [s for s in studies if not s.image.is_file()]
     if missing:
-        warnings.warn(f"{root}: {len(missing)} referenced image(s) missing, e.g. {missing[0].image}; skipped",
-                      stacklevel=2)
+        warnings.warn(
+            f"{root}: {len(missing)} referenced image(s) missing, e.g. {missing[0].image}; skipped", stacklevel=2
+        )
     studies = [s for s in studies if s.image.is_file()]
     if not studies:
         raise DataError(f"{root}: no frontal image with a FINDINGS text")
@@ -158,8 +160,9 @@ class IUXrayDataset(Dataset):
             raise DataError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
         all_studies = scan_iuxray(root)
         self.studies = [all_studies[i] for i in split_studies(all_studies, seed)[split]]
-        self.pixels = ImageStack([s.image for s in self.studies], size, f"iuxray-{split}", cache, cache_dir,
-                                 dtype=torch.float16)  # ~3,300 images: half the memory, ~1e-3 precision
+        self.pixels = ImageStack(
+            [s.image for s in self.studies], size, f"iuxray-{split}", cache, cache_dir, dtype=torch.float16
+        )  # ~3,300 images: half the memory, ~1e-3 precision
         self.from_cache, self.cache_path = self.pixels.from_cache, self.pixels.path
 
     def __len__(self) -> int:

@@ -12,15 +12,16 @@ only links scans of one patient for the split); ``NO REPORT`` becomes ``abnormal
 
     python -m selora.data.montgomery --root DIR [--from-zip ZIP [--sha256 HEX]]
 """
+
 from __future__ import annotations
 
 import argparse
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from torch.utils.data import Dataset
 
@@ -91,15 +92,14 @@ def parse_readings(path: Path) -> tuple[str, int, str, str | None]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(
-            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "expected ASCII/UTF-8 readings"
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); expected ASCII/UTF-8 readings"
         ) from None
     sex = SEX_RE.search(text)
     age = AGE_RE.search(text)
     if sex is None:
-        raise DataError(f"{path}: no \"Patient's Sex: F|M|O\" line")
+        raise DataError(f'{path}: no "Patient\'s Sex: F|M|O" line')
     if age is None:
-        raise DataError(f"{path}: no \"Patient's Age: 027Y\" line")
+        raise DataError(f'{path}: no "Patient\'s Age: 027Y" line')
     years = int(age.group(1)) // (12 if age.group(2).upper() == "M" else 1)
     if age.group(2).upper() == "D":
         years = 0

@@ -11,14 +11,15 @@ information: lungs, heart, mediastinum, spine, ribs and clavicles; sex (habitus,
 shadows) and age (bone density); and each finding drawn where the reading puts it. Radiological
 convention: the patient's right is on the image's left. Everything follows from ``seed``.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,8 +38,10 @@ PHRASES = {
     "thickening": ("{side} pleural thickening", "{side} lateral pleural thickening"),
     "adenopathy": ("{side} hilar adenopathy", "enlarged {side} hilar node"),
 }
-BILATERAL = {"infiltrate": ("bilateral upper lobe infiltrates", "bilateral apical infiltrates"),
-             "scarring": ("bilateral apical scarring", "bilateral upper lobe fibrosis")}
+BILATERAL = {
+    "infiltrate": ("bilateral upper lobe infiltrates", "bilateral apical infiltrates"),
+    "scarring": ("bilateral apical scarring", "bilateral upper lobe fibrosis"),
+}
 SUFFIXES = ("", "", "", "; consistent with TB", "; PTB", "; old TB")
 
 
@@ -100,10 +103,18 @@ def _zone(side: str, an: dict[str, float], v: float) -> tuple[float, float]:
     return 0.5 + sgn * (0.07 + 0.55 * an["lung_w"]), y
 
 
-def _draw_finding(img: np.ndarray, x: np.ndarray, y: np.ndarray, kind: str, side: str,
-                  an: dict[str, float], lungs: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+def _draw_finding(
+    img: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    kind: str,
+    side: str,
+    an: dict[str, float],
+    lungs: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> None:
     """Add one finding to the density image ``img`` in place (sides are the patient's)."""
-    for s in (SIDES if side == "bilateral" else (side,)):
+    for s in SIDES if side == "bilateral" else (side,):
         sgn = -1.0 if s == "right" else 1.0
         lung = lungs[s]
         if kind in ("cavity", "infiltrate"):
@@ -226,8 +237,10 @@ def make_phantom_set(
     Thumbs.db and a .DS_Store. ``size`` is (width, height).
     """
     if not 8 <= n_cases <= 9999 or not 4 <= n_normal <= n_cases - 4:
-        raise ValueError(f"n_cases={n_cases}, n_normal={n_normal}: need 8 <= n_cases <= 9999 and "
-                         "4 <= n_normal <= n_cases - 4 (the quirks need four scans of each kind)")
+        raise ValueError(
+            f"n_cases={n_cases}, n_normal={n_normal}: need 8 <= n_cases <= 9999 and "
+            "4 <= n_normal <= n_cases - 4 (the quirks need four scans of each kind)"
+        )
     out = Path(out)
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(np.arange(1, max(400, n_cases + 1)), size=n_cases, replace=False))
@@ -237,11 +250,19 @@ def make_phantom_set(
     patients = [random_patient(rng, bool(a)) for a in labels]
     readings = [p.reading(rng) for p in patients]
     abn, nor = np.flatnonzero(labels), np.flatnonzero(~labels)
-    repeats = [(abn[0], abn[-1], "stable CXR since 6M; off Rx since 6M"), (abn[1], abn[-2], "NO REPORT"),
-               (nor[0], nor[-1], "normal")]
+    repeats = [
+        (abn[0], abn[-1], "stable CXR since 6M; off Rx since 6M"),
+        (abn[1], abn[-2], "NO REPORT"),
+        (nor[0], nor[-1], "normal"),
+    ]
     for first, again, text in repeats:  # a later scan of an earlier patient
-        patients[again] = Patient(patients[first].sex, patients[first].age + 1, patients[first].build,
-                                  patients[first].anatomy, patients[first].findings)
+        patients[again] = Patient(
+            patients[first].sex,
+            patients[first].age + 1,
+            patients[first].build,
+            patients[first].anatomy,
+            patients[first].findings,
+        )
         readings[again] = f"{text} (same pt as {names[first]})"
     patients[nor[1]].sex = "O"
     top = out / "MontgomerySet"
@@ -257,11 +278,13 @@ def make_phantom_set(
             _write_png(stage / "ManualMask/leftMask" / f"{name}.png", masks["left"])
             _write_png(stage / "ManualMask/rightMask" / f"{name}.png", masks["right"])
             (stage / "ClinicalReadings" / f"{name}.txt").write_text(
-                f"Patient's Sex: {patient.sex} \nPatient's Age: {patient.age:03d}Y\n{text} \n", encoding="utf-8")
+                f"Patient's Sex: {patient.sex} \nPatient's Age: {patient.age:03d}Y\n{text} \n", encoding="utf-8"
+            )
         (stage / "CXR_png" / "Thumbs.db").write_bytes(b"\0" * 16)
         (stage / "ManualMask" / ".DS_Store").write_bytes(b"\0" * 16)
         (stage / "README-PHANTOM.txt").write_text(
-            f"Procedural phantom written by selora.data.phantom (seed={seed}); not patient data.\n", encoding="utf-8")
+            f"Procedural phantom written by selora.data.phantom (seed={seed}); not patient data.\n", encoding="utf-8"
+        )
     if zip_archive:
         write_zip(top, out / "NLM-MontgomeryCXRSet.zip")
     return top

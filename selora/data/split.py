@@ -1,9 +1,10 @@
 """Deterministic grouped, stratified splits (patients or reports never cross a split)."""
+
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 
 def _targets(n: int, fractions: Mapping[str, float]) -> dict[str, int]:

@@ -4,12 +4,19 @@ LoRA r = 4, DyLoRA r = 4 and AdaLoRA 6 -> 4.
 :data:`METHODS` is THE registry (config ``method`` values); the trainer builds a method with
 ``METHODS[cfg.method].from_config(...)`` and from then on calls only the :class:`Adapters` hooks.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from selora.methods.adalora import AdaLoRAAdapters, adalora_config, adalora_ranks, inject_adalora, orthogonal_regulariser
+from selora.methods.adalora import (
+    AdaLoRAAdapters,
+    adalora_config,
+    adalora_ranks,
+    inject_adalora,
+    orthogonal_regulariser,
+)
 from selora.methods.base import Adapters, RankChange, Targets, resolve_targets
 from selora.methods.dylora import DyLoRAAdapters, DyLoRALinear, sample_truncation, set_truncation
 from selora.methods.selora import SeLoRAAdapters
@@ -19,8 +26,16 @@ METHODS: dict[str, type[Adapters]] = {
 }
 
 
-def make_adapters(model: nn.Module, method: str, targets: Targets, *, rank: int | None = None, scale: float = 1.0,
-                  total_steps: int | None = None, generator: torch.Generator | None = None) -> Adapters:
+def make_adapters(
+    model: nn.Module,
+    method: str,
+    targets: Targets,
+    *,
+    rank: int | None = None,
+    scale: float = 1.0,
+    total_steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Adapters:
     """Adapt ``model`` in place with ``method`` on ``targets``; everything but the adapters is frozen.
 
     Call it once on the module the trainer optimises (e.g. UNet + text encoder together, with a

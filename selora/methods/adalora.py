@@ -15,9 +15,11 @@ both are the training loop's job, which is why this module exposes them explicit
 With ``lora_alpha = scale · init_r`` one component of AdaLoRA is scaled like one component of
 the package's LoRA (``scaling = scale``), so the methods start from the same footing.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from peft import AdaLoraConfig
@@ -120,19 +122,36 @@ class AdaLoRAAdapters(Adapters):
     @classmethod
     def check_config(cls, cfg: TrainConfig) -> None:
         if cfg.lora_rank > INIT_RANK:
-            raise ValueError(f"key 'lora_rank': AdaLoRA prunes from rank {INIT_RANK} down to lora_rank; "
-                             f"expected lora_rank <= {INIT_RANK}, got {cfg.lora_rank}")
+            raise ValueError(
+                f"key 'lora_rank': AdaLoRA prunes from rank {INIT_RANK} down to lora_rank; "
+                f"expected lora_rank <= {INIT_RANK}, got {cfg.lora_rank}"
+            )
 
     @classmethod
-    def build(cls, model: nn.Module, targets: Targets, *, rank: int | None = None, scale: float = 1.0,
-              total_steps: int | None = None, generator: torch.Generator | None = None,
-              init_rank: int = INIT_RANK, orth_reg_weight: float = ORTH_WEIGHT) -> AdaLoRAAdapters:
+    def build(
+        cls,
+        model: nn.Module,
+        targets: Targets,
+        *,
+        rank: int | None = None,
+        scale: float = 1.0,
+        total_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        init_rank: int = INIT_RANK,
+        orth_reg_weight: float = ORTH_WEIGHT,
+    ) -> AdaLoRAAdapters:
         """PEFT AdaLoRA on ``targets``, ``init_rank`` -> ``rank`` (default 4) over ``total_steps``
         (any value >= 1 when only loading weights: the masks live in E). ``generator`` is unused."""
         if total_steps is None:
             raise ValueError("total_steps: AdaLoRA's rank budget schedule needs the number of training steps")
-        config = adalora_config(resolve_targets(model, targets), total_steps, init_rank, rank or cls.default_rank,
-                                scale=scale, orth_reg_weight=orth_reg_weight)
+        config = adalora_config(
+            resolve_targets(model, targets),
+            total_steps,
+            init_rank,
+            rank or cls.default_rank,
+            scale=scale,
+            orth_reg_weight=orth_reg_weight,
+        )
         return cls(model, inject_adalora(model, config), orth_reg_weight)
 
     def regulariser(self) -> torch.Tensor:
@@ -173,8 +192,10 @@ class AdaLoRAAdapters(Adapters):
     def state_dict(self) -> dict[str, Any]:
         """The allocator's smoothed sensitivities and the latest ``rank_pattern``."""
         alloc = self.tuner.rankallocator
-        stats = {stat: {n: t.detach().cpu().contiguous() for n, t in getattr(alloc, stat).items()}
-                 for stat in ALLOCATOR_STATS}
+        stats = {
+            stat: {n: t.detach().cpu().contiguous() for n, t in getattr(alloc, stat).items()}
+            for stat in ALLOCATOR_STATS
+        }
         return {"allocator": stats, "rank_pattern": self.tuner.peft_config[ADAPTER].rank_pattern}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -12,10 +12,12 @@ A method is a subclass of :class:`Adapters` registered in :data:`selora.methods.
 class is the plain LoRA family (:class:`~selora.layers.LoRALinear` and subclasses): every hook is a
 no-op, the adapter factors are ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 #: A preset, a list of names/regexes (see :func:`selora.inject`), or ``{submodule: those}`` to give
 #: parts of one model their own targets, e.g. ``{"unet": "paper-unet", "text_encoder": "paper-text-encoder"}``.
-Targets = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+Targets = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]  # noqa: UP007 (run-time alias, Python 3.10)
 #: ``reduce(t) -> t`` summed over processes (DDP); identity with one process.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 #: ``{layer name: {factor name: parameter}}``, e.g. ``{"unet.x.to_q": {"lora_A": (r, in), "lora_B": (out, r)}}``.
@@ -60,8 +62,9 @@ def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
     return [_join(prefix, n) for prefix, sub, spec in _parts(model, targets) for n in select_linear(sub, spec)]
 
 
-def inject_parts(model: nn.Module, targets: Targets, kind: str, rank: int, scale: float,
-                 generator: torch.Generator | None) -> dict[str, LoRALinear]:
+def inject_parts(
+    model: nn.Module, targets: Targets, kind: str, rank: int, scale: float, generator: torch.Generator | None
+) -> dict[str, LoRALinear]:
     """:func:`selora.inject` on every part of ``targets``; everything else frozen; qualified names."""
     model.requires_grad_(False)
     layers = {}
@@ -93,15 +96,30 @@ class Adapters:
         """ValueError (naming the key) for settings of ``cfg`` this method cannot train with."""
 
     @classmethod
-    def from_config(cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int,
-                    generator: torch.Generator) -> Adapters:
+    def from_config(
+        cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int, generator: torch.Generator
+    ) -> Adapters:
         """Adapt ``model`` in place as ``cfg`` says (rank from :attr:`rank_field`, scale ``lora_scale``)."""
-        return cls.build(model, targets, rank=getattr(cfg, cls.rank_field), scale=cfg.lora_scale,
-                         total_steps=total_steps, generator=generator)
+        return cls.build(
+            model,
+            targets,
+            rank=getattr(cfg, cls.rank_field),
+            scale=cfg.lora_scale,
+            total_steps=total_steps,
+            generator=generator,
+        )
 
     @classmethod
-    def build(cls, model: nn.Module, targets: Targets, *, rank: int | None = None, scale: float = 1.0,
-              total_steps: int | None = None, generator: torch.Generator | None = None) -> Adapters:
+    def build(
+        cls,
+        model: nn.Module,
+        targets: Targets,
+        *,
+        rank: int | None = None,
+        scale: float = 1.0,
+        total_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Adapters:
         """Adapt ``model`` in place on ``targets`` (rank default :attr:`default_rank`); only adapters train.
 
         ``generator`` seeds the initial ``lora_A`` rows; ``total_steps`` is for methods with a schedule.
@@ -137,7 +155,9 @@ class Adapters:
 
     def factors(self) -> Factors:
         """``{layer: {factor name: parameter}}`` of every adapter, in model order."""
-        return {name: {"lora_A": layer.lora_A, "lora_B": layer.lora_B} for name, layer in lora_layers(self.model).items()}
+        return {
+            name: {"lora_A": layer.lora_A, "lora_B": layer.lora_B} for name, layer in lora_layers(self.model).items()
+        }
 
     def generators(self) -> dict[str, torch.Generator]:
         """Generators the method keeps drawing from during training (their states are checkpointed)."""

@@ -9,6 +9,7 @@ components are trained (the paper's non-frozen variant); the rest get exactly ze
 In this package ``scaling`` is the full-rank scale (α/r), so truncation b uses ``scaling · r / b``;
 at b = r a DyLoRA layer computes exactly what a :class:`~selora.layers.LoRALinear` computes.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -111,8 +112,16 @@ class DyLoRAAdapters(Adapters):
         self.generator = generator
 
     @classmethod
-    def build(cls, model: nn.Module, targets: Targets, *, rank: int | None = None, scale: float = 1.0,
-              total_steps: int | None = None, generator: torch.Generator | None = None) -> DyLoRAAdapters:
+    def build(
+        cls,
+        model: nn.Module,
+        targets: Targets,
+        *,
+        rank: int | None = None,
+        scale: float = 1.0,
+        total_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DyLoRAAdapters:
         """LoRA adapters turned into :class:`DyLoRALinear`; ``generator`` then draws the truncations."""
         layers = inject_parts(model, targets, "lora", rank or cls.default_rank, scale, generator)
         return cls(model, to_dylora(layers, model), generator)

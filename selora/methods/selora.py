@@ -2,9 +2,11 @@
 :class:`~selora.expansion.ExpansionController` over the whole model (one step count, one K
 generator, one all-reduce of the Fisher statistics across processes), so the per-sample Fisher of
 Eq. 3-5 comes from the training step's own backward."""
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,15 +27,23 @@ class SeLoRAAdapters(Adapters):
     rank_field: ClassVar[str] = "start_rank"
     default_rank: ClassVar[int] = 1
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], threshold: float = 1.1, interval: int = 40,
-                 max_rank: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        threshold: float = 1.1,
+        interval: int = 40,
+        max_rank: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(model, layers)
         self.threshold, self.interval, self.max_rank, self.seed = threshold, interval, max_rank, seed
         self.controller: ExpansionController | None = None
 
     @classmethod
-    def from_config(cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int,
-                    generator: torch.Generator) -> SeLoRAAdapters:
+    def from_config(
+        cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int, generator: torch.Generator
+    ) -> SeLoRAAdapters:
         adapters = cls.build(model, targets, rank=cfg.start_rank, scale=cfg.lora_scale, generator=generator)
         adapters.threshold, adapters.interval = cfg.threshold, cfg.interval
         adapters.max_rank, adapters.seed = cfg.max_rank, cfg.seed
@@ -42,8 +52,14 @@ class SeLoRAAdapters(Adapters):
     def attach(self, optimizer: torch.optim.Optimizer, reduce: Reduce | None = None) -> None:
         """The controller over every SeLoRA layer; its K generator is seeded ``seed + 1``."""
         self.controller = ExpansionController(
-            self.model, optimizer, threshold=self.threshold, interval=self.interval, max_rank=self.max_rank,
-            generator=torch.Generator().manual_seed(self.seed + 1), reduce=reduce)
+            self.model,
+            optimizer,
+            threshold=self.threshold,
+            interval=self.interval,
+            max_rank=self.max_rank,
+            generator=torch.Generator().manual_seed(self.seed + 1),
+            reduce=reduce,
+        )
 
     def after_step(self, step: int) -> RankChange | None:
         """The controller's step: on a test step, the ranks, the layers that grew and every ratio."""
