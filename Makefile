@@ -1,4 +1,6 @@
 # The two commands a newcomer needs: `make book` and `make test` (see README.md).
+# CI (.ci/run) runs `make -j2 --output-sync=target test`: the unit tests and the chapters are
+# single-threaded, so on two cores they run side by side.
 # Both create .venv if missing and install the project; torch is pinned HERE (the CPU wheel)
 # while the package itself declares a range, so Colab keeps its own torch.
 PYTHON ?= python3
@@ -12,7 +14,7 @@ export PYTHONHASHSEED := 0
 # reductions (and the controller decisions they feed) match the stored outputs.
 export SELORA_THREADS ?= 1
 
-.PHONY: install lint test test-unit test-book book check-book execute bench regression-reference clean
+.PHONY: install data lint test test-unit test-book book check-book execute bench regression-reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The offline data (phantom Montgomery set in .cache/) that tests and chapters share: made once,
+# before `make -j2 test` starts them side by side (the atomic folder swap is not meant for two writers).
+data: $(STAMP)
+	$(PY) -c "from selora.data import montgomery_root; montgomery_root('offline')"
+
 ## make test: lint, unit tests, then every chapter under nbval (offline profile)
 test: lint test-unit test-book
 
@@ -30,13 +37,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) data
 	$(PY) -m pytest tests/ -q
 
-test-book: $(STAMP)
+test-book: $(STAMP) data
 	$(PY) -m pytest --nbval-lax book/ -q
 
-## make book: execute the chapters (offline profile, cached) and render HTML to _build/html
+## make book: render the committed chapters (outputs as committed, nothing executed) to _build/html;
+## chapters are executed by `make execute` (to commit them) and by `make test-book` (nbval)
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"

@@ -27,6 +27,7 @@ _LAZY = {
     "save_peft_adapter": "selora.export",
     "save_merged": "selora.export",
     "load_selora": "selora.export",
+    "save_kohya_lora": "selora.kohya",
 }
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "ranks",
     "read_records",
     "save_diffusers_lora",
+    "save_kohya_lora",
     "save_merged",
     "save_peft_adapter",
     "seed_everything",

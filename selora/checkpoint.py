@@ -1,34 +1,62 @@
 """Checkpoints of a training run: adapters, optimizer, RNG and controller state.
 
 Tensors go to safetensors, everything else to JSON; a checkpoint folder is written under a
-temporary name and renamed into place, so a crash never leaves a half-written one::
+temporary name (each file flushed to disk) and renamed into place, so a crash never leaves a
+half-written one::
 
     <dir>/adapters.safetensors   {"<layer>.lora_A": (r, in), "<layer>.lora_B": (out, r)}
                                  (+ a method's further factors, e.g. "<layer>.lora_E": (r, 1))
     <dir>/ranks.json             {"<layer>": r}
     <dir>/state.safetensors      optimizer moments, RNG states, controller K (flat keys)
     <dir>/state.json             step counters, optimizer param groups, LR scheduler, ...
+
+With ``previous``, :func:`write_checkpoint` keeps two: once the new folder is complete, the one it
+replaces becomes ``previous`` (the one before that is deleted). :func:`read_latest_checkpoint` reads
+the newest one that loads completely, naming each file it had to pass over (a truncated or corrupt
+file: :class:`CheckpointError`). A failed write (a full disk, ...) leaves what was there untouched
+and raises :class:`CheckpointWriteError`. One process writes a run's checkpoints.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from selora.io import atomic_dir, atomic_write_text
+from selora.io import FILE_MODE, atomic_dir, atomic_write_text
 from selora.methods import Adapters
 
 ADAPTERS = "adapters.safetensors"
 RANKS = "ranks.json"
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+NO_SPACE = "no space left on device"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back: a missing, truncated or corrupt file (the message names it)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint (or another training output) could not be written; what was at its path is untouched.
+
+    ``reason`` is the cause in words (``"no space left on device"``), ``target`` the path being written.
+    """
+
+    def __init__(self, message: str, reason: str = "", target: Path | None = None) -> None:
+        super().__init__(message)
+        self.reason, self.target = reason or message, target
+        self.errno = errno.ENOSPC if reason == NO_SPACE else None
 
 
 # -- adapters -----------------------------------------------------------------------------------
@@ -172,41 +200,152 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def write_failure(target: Path, err: BaseException) -> CheckpointWriteError | None:
+    """The :class:`CheckpointWriteError` for ``err`` raised while writing ``target``, or None when
+    ``err`` is not a failed write (safetensors reports ENOSPC as its own error, without errno)."""
+    if isinstance(err, CheckpointWriteError):
+        return err
+    if not isinstance(err, (OSError, SafetensorError)):
+        return None
+    text = str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text or "os error 28" in text
+    reason = NO_SPACE if full else (f"{err.strerror}" if isinstance(err, OSError) and err.strerror else text)
+    return CheckpointWriteError(f"{reason} while writing {target}", reason, Path(target))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, FILE_MODE)  # safetensors creates files 0600; outputs are meant to be shared
+    _fsync(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _set_aside(previous: Path) -> Path | None:
+    """Move ``previous`` to a hidden ``.<name>.del`` beside it (deleted once the new checkpoint is in place)."""
+    if not previous.exists():
+        return None
+    trash = previous.with_name(f".{previous.name}.del")
+    if trash.exists():  # left by a crash
+        shutil.rmtree(trash)
+    os.replace(previous, trash)
+    return trash
+
+
 def write_checkpoint(
     target: Path,
     adapters: Mapping[str, torch.Tensor],
     ranks: Mapping[str, int],
     tensors: Mapping[str, torch.Tensor] | None = None,
     state: Mapping[str, Any] | None = None,
+    previous: Path | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically: fill a temp folder, then swap it in for ``target``.
+    """Write a checkpoint folder atomically: fill a temp folder (flushed to disk), then swap it in for ``target``.
 
-    The previous ``target`` (if any) is moved aside to ``<target>.old`` first and deleted last
-    (:func:`selora.io.atomic_dir`); :func:`find_checkpoint` falls back to it if a crash hit
-    between the two renames.
+    With ``previous``, an existing ``target`` becomes ``previous`` just before the swap (the old
+    ``previous`` is set aside first and deleted last), so every moment has a complete checkpoint at
+    ``target`` or ``previous``. Without it, ``target`` is moved aside to ``<target>.old`` and
+    deleted last (:func:`selora.io.atomic_dir`). A failed write raises :class:`CheckpointWriteError`
+    (``target`` and ``previous`` untouched, the temp folder removed).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(target) as tmp:
-        save_file(dict(adapters), str(tmp / ADAPTERS))
-        (tmp / RANKS).write_text(json.dumps(dict(ranks), indent=1), encoding="utf-8")
-        if tensors is not None:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        if state is not None:
-            (tmp / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    trash = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(target) as tmp:
+            _write_tensors(adapters, tmp / ADAPTERS)
+            _write_text(tmp / RANKS, json.dumps(dict(ranks), indent=1))
+            if tensors is not None:
+                _write_tensors(tensors, tmp / STATE_TENSORS)
+            if state is not None:
+                _write_text(tmp / STATE_JSON, json.dumps(state, indent=1))
+            _fsync(tmp)
+            if previous is not None and target.exists():
+                trash = _set_aside(Path(previous))
+                os.replace(target, previous)
+        _fsync(target.parent)
+    except Exception as err:
+        failure = write_failure(target, err)
+        if failure is None:
+            raise
+        raise failure from err
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     return target
 
 
-def find_checkpoint(target: Path) -> Path | None:
-    """``target`` if it is a complete checkpoint, else ``<target>.old`` if that is, else None."""
-    for candidate in (Path(target), Path(target).with_name(Path(target).name + ".old")):
+def checkpoint_candidates(target: Path, previous: Path | None = None) -> list[Path]:
+    """Where a checkpoint may be, newest first: ``target``, ``<target>.old`` (a crash inside
+    :func:`selora.io.atomic_dir`), ``previous``."""
+    target = Path(target)
+    found = [target, target.with_name(target.name + ".old")]
+    return found + ([Path(previous)] if previous is not None else [])
+
+
+def find_checkpoint(target: Path, previous: Path | None = None) -> Path | None:
+    """The first of :func:`checkpoint_candidates` with its files present (not read), else None."""
+    for candidate in checkpoint_candidates(target, previous):
         if (candidate / STATE_JSON).is_file() and (candidate / ADAPTERS).is_file():
             return candidate
     return None
 
 
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt JSON ({err})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt ({err})") from None
+
+
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(adapter tensors, state tensors, state JSON)`` of a checkpoint folder."""
+    """``(adapter tensors, state tensors, state JSON)`` of a checkpoint folder, every file read
+    completely (so ``ranks.json`` is checked too); :class:`CheckpointError` names a bad file."""
     folder = Path(folder)
-    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    return read_adapters(folder / ADAPTERS), load_file(str(folder / STATE_TENSORS)), state
+    state = _read_json(folder / STATE_JSON)
+    if not isinstance(state, dict) or not isinstance(_read_json(folder / RANKS), dict):
+        raise CheckpointError(f"{folder}: {STATE_JSON} or {RANKS} is not a JSON object")
+    return _read_tensors(folder / ADAPTERS), _read_tensors(folder / STATE_TENSORS), state
+
+
+def read_latest_checkpoint(
+    target: Path, previous: Path | None = None
+) -> tuple[Path, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]], list[str]]:
+    """``(folder, read_checkpoint(folder), problems)`` for the newest of :func:`checkpoint_candidates`
+    that reads completely; ``problems``: one line per newer candidate passed over (a bad file, or
+    ``target`` missing). :class:`CheckpointError` listing them when none is good."""
+    problems = []
+    for candidate in checkpoint_candidates(target, previous):
+        if not candidate.exists():
+            if candidate == Path(target):
+                problems.append(f"{candidate}: missing")
+            continue
+        try:
+            return candidate, read_checkpoint(candidate), problems
+        except CheckpointError as err:
+            problems.append(str(err))
+    raise CheckpointError("; ".join(problems))

@@ -4,6 +4,10 @@ and the noise-prediction loss (paper Sec. 4).
     z0 ~ q(z | x) (the VAE posterior, scaled by the VAE's ``scaling_factor``)
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps                   (DDPM forward process)
     loss = || eps_theta(z_t, t, c) - eps ||^2                       (mean over the batch)
+
+The target is eps for a pipeline whose scheduler config says ``prediction_type: epsilon`` (SD v1.5,
+the mini SD) and the velocity v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 for ``v_prediction``
+(:func:`loss_target`); any other prediction type is refused (:func:`noise_scheduler`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from selora.config import ConfigError
 from selora.io import atomic_save_safetensors
 from selora.paths import cache_dir
+
+#: Scheduler ``prediction_type`` values training supports (the loss target: eps or v).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -29,10 +37,32 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def noise_scheduler(pipe):
-    """The DDPM training schedule of ``pipe`` (its scheduler's betas, timesteps and prediction type)."""
+    """The DDPM training schedule of ``pipe`` (its scheduler's betas, timesteps and prediction type).
+
+    ConfigError (one line, naming the pipeline's scheduler config) for a prediction type other than
+    :data:`PREDICTION_TYPES`.
+    """
     from diffusers import DDPMScheduler
 
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        source = getattr(pipe, "name_or_path", None) or "the pipeline"
+        raise ConfigError(
+            f"{source}/scheduler/scheduler_config.json: prediction_type={kind!r}; "
+            "training supports 'epsilon' or 'v_prediction'"
+        )
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def loss_target(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict ``(N, 4, h, w)``: the noise ``eps`` (``epsilon``) or the
+    velocity ``sqrt(abar_t) eps - sqrt(1 - abar_t) z0`` (``v_prediction``), as ``scheduler`` says."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    raise ValueError(f"prediction_type={kind!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
 def add_noise(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,14 +70,15 @@ def add_noise(scheduler, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor)
     return scheduler.add_noise(z0, noise, t)
 
 
-def noise_prediction_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The training loss: MSE of the predicted noise ``(N, 4, h, w)`` against the true noise, in float32."""
-    return F.mse_loss(pred.float(), noise.float())
+def noise_prediction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss: MSE of the UNet's prediction ``(N, 4, h, w)`` against the :func:`loss_target`
+    (the true noise for an eps-prediction model), in float32."""
+    return F.mse_loss(pred.float(), target.float())
 
 
-def per_sample_errors(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE per sample ``(N,)`` on the CPU, in float32."""
-    return (pred.float().cpu() - noise).pow(2).flatten(1).mean(1)
+def per_sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Prediction MSE against the :func:`loss_target` per sample ``(N,)`` on the CPU, in float32."""
+    return (pred.float().cpu() - target).pow(2).flatten(1).mean(1)
 
 
 def training_batch(
@@ -60,7 +91,8 @@ def training_batch(
     part: slice = slice(None),
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training batch ``(noisy latents, t, ids, target noise)`` for the data-set indices ``idx`` (N,).
+    """One training batch ``(noisy latents, t, ids, target)`` for the data-set indices ``idx`` (N,);
+    the target is the noise or the velocity (:func:`loss_target`).
 
     Every random draw is made for the WHOLE batch from ``generator`` (a latent sample of the cached
     posterior, the noise, the timesteps, which prompts are dropped to the empty prompt ``empty_ids``
@@ -76,8 +108,9 @@ def training_batch(
     idx = idx[part]
     z0 = data.mean[idx] + data.std[idx] * eps_latent[part]  # a sample of the cached posterior
     noisy = add_noise(scheduler, z0, noise[part], t[part])
+    target = loss_target(scheduler, z0, noise[part], t[part])
     ids = torch.where(drop[part, None], empty_ids, data.ids[idx])
-    return noisy.to(device), t[part].to(device), ids.to(device), noise[part].to(device)
+    return noisy.to(device), t[part].to(device), ids.to(device), target.to(device)
 
 
 @torch.no_grad()

@@ -6,9 +6,11 @@
 For each (method, seed) the run ``DIR/runs/<method>-seed<seed>/`` is trained with
 :class:`selora.trainer.Trainer` (config + ``--set`` + ``method=<method>`` + ``seed=<seed>``; an
 interrupted run is resumed), its best adapters (lowest held-out loss) are loaded, one image is
-generated per test-split prompt (image i with the generator seed ``10^5 · seed + i``), and the
-profile's two metrics are computed against the real test images (:func:`selora.metrics.evaluate`:
-FID / CLIP score in the paper profile, the validated proxies offline). Writes::
+generated per test-split prompt (image i with the generator seed ``10^5 · seed + i``), and two
+metrics are computed against the real test images (:func:`selora.metrics.evaluate`), chosen by the
+runs' data and model, not by the profile (:func:`selora.evaluation.metric_profile`): FID / CLIP
+score for real data on a real model, the validated proxies for the phantom data or the mini SD
+(so phantom images are never scored with FID on a GPU). Writes::
 
     DIR/runs/<method>-seed<seed>/evaluation.json   that run's result, with its final rank per layer (re-used later)
     DIR/runs/<method>-seed<seed>/test-samples.png  the generated test images with their prompts
@@ -38,12 +40,14 @@ from selora.checkpoint import read_adapters
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.data import open_dataset
 from selora.data.errors import DataError
+from selora.evaluation import metric_profile
 from selora.io import atomic_save_safetensors, atomic_write_text
 from selora.methods import METHODS
 from selora.metrics import LABELS, evaluate, images_from_pil
 from selora.params import adapter_counts
+from selora.profile import profile as active_profile
 from selora.profile import set_threads
-from selora.provenance import provenance
+from selora.provenance import metric_provenance, provenance
 from selora.rundir import adapters_path, load_run, run_config
 from selora.sample import generate, image_grid
 from selora.stats import mean_std
@@ -69,6 +73,11 @@ def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list:
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"{what} {text}: expected a non-empty comma-separated list without repeats")
     return values
+
+
+def metric_fn(cfg: TrainConfig) -> MetricFn:
+    """The two metrics of runs with config ``cfg``: those of :func:`selora.evaluation.metric_profile`."""
+    return partial(evaluate, profile=metric_profile(cfg))
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -212,11 +221,11 @@ def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the per-method table (mean ± std over seeds) and the provenance."""
     summary, prov = results["summary"], results["provenance"]
     lines = [summary_table(summary)]
-    note = (
-        "Offline profile: proxy metrics, not comparable with the paper's FID / CLIP score."
-        if prov["profile"] == "offline"
-        else "Paper profile: FID and CLIP score."
-    )
+    metrics = prov.get("metric_profile", prov["profile"])
+    note = {
+        "offline": "phantom data or mini SD: proxy metrics, not comparable with the paper's FID / CLIP score.",
+        "paper": "real data: FID and CLIP score.",
+    }.get(metrics, "metrics passed by the caller.")
     git = prov["git"] or {}
     info = [
         f"- profile: {prov['profile']} ({note})",
@@ -269,19 +278,28 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Every (method, seed) through :func:`evaluate_run`, then ``results.json`` and ``results.md`` in ``out``.
 
-    ``metrics`` defaults to :func:`selora.metrics.evaluate` of the active profile. A run whose
-    ``evaluation.json`` exists is not redone (so an interrupted experiment continues).
+    ``metrics`` defaults to :func:`metric_fn` of the runs' config (FID / CLIP score for real data,
+    the proxies for phantom data or the mini SD; refused before any work when FID / CLIP score are
+    due but the profile is offline). A run whose ``evaluation.json`` exists is not redone (so an
+    interrupted experiment continues).
     """
     if limit is not None and limit < 2:
         raise ConfigError(f"--limit {limit}: expected at least 2 test images (a Fréchet distance needs two)")
     if batch < 1:
         raise ConfigError(f"--batch {batch}: expected an integer >= 1")
     configs = run_configs(config, overrides, methods, seeds)
+    first = next(iter(configs.values()))  # the runs differ only in method and seed
+    kind = metric_profile(first) if metrics is None else None
+    if kind == "paper" and active_profile() == "offline":
+        raise ConfigError(
+            f"dataset={first.dataset} model={first.model}: real data is scored with FID / CLIP score, "
+            "whose weights need the network, but the profile is 'offline' (set SELORA_PROFILE=paper)"
+        )
     out = Path(out)
     for (method, seed), cfg in configs.items():
         check_run_config(cfg, out / "runs" / run_name(method, seed))
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    metrics = metrics or partial(evaluate, profile=None)
+    metrics = metrics or metric_fn(first)
     runs = []
     for (method, seed), cfg in configs.items():
         run_dir = out / "runs" / run_name(method, seed)
@@ -290,9 +308,12 @@ def run_experiment(
             runs.append(json.loads(done.read_text(encoding="utf-8")))
             continue
         runs.append(evaluate_run(cfg, run_dir, metrics, limit, batch, progress))
-    first = next(iter(configs.values()))
+    prov = provenance(first, methods, seeds, config, overrides, limit)
+    prov["metric_profile"] = kind or "custom"  # whose metrics scored the runs (not the active profile)
+    if kind is not None:
+        prov["metrics"] = metric_provenance(kind)
     results = {
-        "provenance": provenance(first, methods, seeds, config, overrides, limit),
+        "provenance": prov,
         "summary": summarise(runs, methods),
         "runs": runs,
     }

@@ -12,22 +12,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from selora.diffusion import add_noise, per_sample_errors
+from selora.diffusion import add_noise, loss_target, per_sample_errors
 from selora.profile import profile
 from selora.rundir import SAMPLES
 from selora.sample import generate, image_grid, to_pil
 
 if TYPE_CHECKING:
+    from selora.config import TrainConfig
     from selora.trainer import Trainer
 
 MetricFn = Callable[[list, list[str], torch.Tensor], float]
 
 
-def default_metrics() -> dict[str, MetricFn]:
-    """Offline profile: the shipped proxies (cheap, no download). Paper profile: none, since FID /
-    CLIP score on a 4-image grid mean little and need downloads; ``selora.evaluate`` computes them on
-    the whole test split."""
-    if profile() != "offline":
+def metric_profile(cfg: TrainConfig) -> str:
+    """Whose metrics fit a run, from ITS data and model (not from the active profile): ``"offline"``
+    (the validated proxies) for the phantom data or the mini SD, ``"paper"`` (FID / CLIP score) for
+    real data on a real model. A GPU does not make phantom images worth an FID."""
+    return "offline" if cfg.dataset == "montgomery-phantom" or cfg.model == "mini-sd" else "paper"
+
+
+def default_metrics(cfg: TrainConfig | None = None) -> dict[str, MetricFn]:
+    """The per-epoch metrics of a run with config ``cfg`` (:func:`metric_profile`; without ``cfg``,
+    the active profile): the shipped proxies (cheap, no download) for phantom data / the mini SD;
+    none on real data, since FID / CLIP score on a 4-image grid mean little and need downloads
+    (``selora.evaluate`` computes them on the whole test split)."""
+    if (metric_profile(cfg) if cfg is not None else profile()) != "offline":
         return {}
     from selora.metrics import trainer_metrics
 
@@ -39,11 +48,12 @@ class Evaluator:
 
     def __init__(self, trainer: Trainer, metrics: Mapping[str, MetricFn] | None = None) -> None:
         self.trainer = trainer
-        self.metrics = dict(default_metrics() if metrics is None else metrics)
+        self.metrics = dict(default_metrics(trainer.cfg) if metrics is None else metrics)
 
     @torch.no_grad()
     def eval_loss(self) -> float:
-        """Held-out noise-prediction MSE with fixed noise/timesteps (same draw every evaluation)."""
+        """Held-out MSE against the :func:`~selora.diffusion.loss_target` (eps or v) with fixed
+        noise/timesteps (same draw every evaluation)."""
         tr = self.trainer
         data, g, dist = tr.eval, torch.Generator().manual_seed(tr.cfg.seed + 2), tr.dist
         n = len(data)
@@ -57,7 +67,7 @@ class Evaluator:
             noisy = add_noise(tr.noise_scheduler, z0, noise[idx], t[idx]).to(dist.device)
             with torch.autocast(dist.device.type, dtype=tr.autocast, enabled=tr.autocast is not None):
                 pred = tr.model(noisy, t[idx].to(dist.device), data.ids[idx].to(dist.device))
-            err = per_sample_errors(pred, noise[idx])
+            err = per_sample_errors(pred, loss_target(tr.noise_scheduler, z0, noise[idx], t[idx]))
             total += torch.stack([err.sum().double(), torch.tensor(float(len(idx)), dtype=torch.float64)])
         total = dist.all_sum(total).cpu()
         return (total[0] / total[1]).item()
@@ -101,10 +111,11 @@ class Evaluator:
                 )
             out = tr.run_dir / SAMPLES
             out.mkdir(exist_ok=True)
-            image_grid(images, prompts).save(out / f"epoch-{at.epoch:03d}.png")
+            name = f"epoch-{at.epoch:03d}.png" if at.batch == 0 else f"step-{at.step:06d}.png"  # mid-epoch end
+            image_grid(images, prompts).save(out / name)
             if real is not None and not (out / "real.png").is_file():
                 image_grid(to_pil(real), prompts).save(out / "real.png")  # the held-out scans themselves
-            record["samples"] = f"{SAMPLES}/epoch-{at.epoch:03d}.png"
+            record["samples"] = f"{SAMPLES}/{name}"
             if real is not None and len(images) >= 2:  # a Fréchet distance needs two samples
                 for name, fn in self.metrics.items():
                     record[name] = float(fn(images, prompts, real))

@@ -4,6 +4,8 @@ Training loop contract::
 
     loss = criterion(model(x), y)     # mean over the batch (loss_reduction="mean")
     loss.backward(); optimizer.step(); decisions = ctl.step(); optimizer.zero_grad()
+    # a skipped step (non-finite loss or gradient): optimizer.zero_grad(); ctl.discard()
+    # a GradScaler: scaler.scale(loss).backward(); ...; ctl.step(grad_scale=the scale of that backward)
 
 Every ``interval``-th ``step()`` is a test step. At the end of the step before it (at construction
 when ``interval == 1``) the controller ARMS every SeLoRA layer and draws its candidate rows K;
@@ -12,6 +14,8 @@ at the parameters of that backward — no extra pass, no call of the model. ``st
 step scores each layer (Eq. 3-5), expands where FI_exp / FI_orig >= threshold and
 rank < max_rank, installing the K that was scored (Eq. 2), disarms, and swaps the grown
 parameters into the optimizer (:mod:`selora.optim`). Unarmed layers pay one ``is None`` check.
+A step that is skipped calls ``discard()`` instead of ``step()``: what its backward captured is
+dropped and the next forward/backward is captured afresh for the same test (same K).
 """
 
 from __future__ import annotations
@@ -163,16 +167,30 @@ class ExpansionController:
         return self.max_rank if self.max_rank is not None else min(layer.in_features, layer.out_features)
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self) -> list[Decision]:
-        """Call once per optimizer step; on test steps score, expand and return the decisions."""
+    def step(self, grad_scale: float = 1.0) -> list[Decision]:
+        """Call once per optimizer step; on test steps score, expand and return the decisions.
+
+        ``grad_scale``: the factor the loss was multiplied by for this step's backward (a
+        ``GradScaler``'s scale before its ``update()``); the captured statistics, sums of squared
+        gradients, are divided by ``grad_scale ** 2`` so that they are those of the unscaled loss.
+        """
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale: expected a finite number > 0, got {grad_scale!r}")
         self.count += 1
         decisions: list[Decision] = []
         if self.count % self.interval == 0 and not self.closed:
-            decisions = self._decide()
+            decisions = self._decide(float(grad_scale))
         self._rearm()
         return decisions
 
-    def _decide(self) -> list[Decision]:
+    def discard(self) -> None:
+        """The step was skipped (non-finite loss or gradient, fp16 overflow): drop what its
+        forward/backward captured; armed layers stay armed with the same K, so the next pass is
+        captured afresh for the same test. No effect when not armed."""
+        for capture in self.captures.values():
+            capture.reset()
+
+    def _decide(self, grad_scale: float = 1.0) -> list[Decision]:
         names = list(self.layers)
         ref = self.layers[names[0]].lora_A
         dtype = torch.promote_types(ref.dtype, torch.float32)
@@ -183,6 +201,8 @@ class ExpansionController:
             stats = capture.stats if capture.stats is not None else torch.zeros(3)
             rows.append(stats.to(device=ref.device, dtype=dtype))
         table = torch.stack(rows)  # (layers, 3)
+        if grad_scale != 1.0:  # squared gradients of loss * grad_scale -> those of the loss
+            table[:, :2] /= grad_scale**2
         if self.reduce is not None:
             table = self.reduce(table)
         decisions, swaps = [], {}

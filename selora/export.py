@@ -1,4 +1,4 @@
-"""Take SeLoRA adapters out of selora: a diffusers LoRA file, a PEFT adapter, merged weights, and back.
+"""Take SeLoRA adapters out of selora: diffusers LoRA, PEFT adapter, merged weights, kohya file, and back.
 
 Every adapted layer may end training with its own rank r_i, while its scaling s is fixed (never
 alpha / r, see :mod:`selora.layers`). diffusers and PEFT compute the LoRA scaling per module as
@@ -19,8 +19,24 @@ as a PEFT ``LoraConfig`` (``r``/``lora_alpha`` = the most common values, ``rank_
 - PEFT: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
   ``base_model.model.<module>.lora_A.weight``), for ``PeftModel.from_pretrained(model, folder)``.
 
-Both layouts store ``lora_A`` as ``(r, in_features)`` and ``lora_B`` as ``(out_features, r)``, the
-layout of :class:`selora.LoRALinear`, so export is a rename.
+- kohya: one ``.safetensors`` file in the kohya-ss / AUTOMATIC1111 / ComfyUI layout (see
+  :func:`selora.kohya.save_kohya_lora`): keys ``lora_unet_<module with _ for .>.lora_down.weight`` ``(r_i, in)``,
+  ``.lora_up.weight`` ``(out, r_i)`` and ``.alpha`` (a scalar), ``lora_te_text_model_...`` for the
+  text encoder. These loaders scale a module by ``alpha_i / r_i`` with ``r_i = lora_down.shape[0]``.
+  Stock diffusers' kohya converter (0.42) loses per-module alphas of attention projections
+  (``to_q``..., ``self_attn.q_proj``...) when they differ, so the default writes ONE alpha for every
+  module (the most common ``s_i r_i``) and folds ``s_i r_i / alpha`` into ``lora_up``: every loader
+  then computes ``s_i B_i A_i``.
+
+Both the diffusers and the PEFT layout store ``lora_A`` as ``(r, in_features)`` and ``lora_B`` as
+``(out_features, r)``, the layout of :class:`selora.LoRALinear`, so export is a rename.
+
+The command line exports a training run and writes a model card beside every export
+(:mod:`selora.modelcard`: ``README.md`` in the export folder, ``<name>.md`` beside a kohya file)::
+
+    python -m selora.export --run RUN --format diffusers|peft|merged|kohya --out DIR_OR_FILE [--dtype float16]
+
+``--out`` of the kohya format: a ``.safetensors`` file, or a folder that gets ``<run name>.safetensors``.
 """
 
 from __future__ import annotations
@@ -40,48 +56,22 @@ from torch import nn
 
 from selora.inject import KINDS, replace_modules
 from selora.io import atomic_dir, atomic_save_safetensors, atomic_write_text
+from selora.kohya import PICKLE_SUFFIXES, kohya_file, kohya_metadata, save_kohya_lora
 from selora.layers import LoRALinear, lora_layers
-from selora.pipeline import COMPONENTS  # the pipeline parts SeLoRA adapts (never the VAE); re-exported
+from selora.pipeline import COMPONENTS, adapted_layers, components  # noqa: F401 (COMPONENTS: re-exported)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-FORMATS = ("diffusers", "peft", "merged")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FORMATS = ("diffusers", "peft", "merged", "kohya")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
-#: ``{module name: (lora_A (r, in), lora_B (out, r), scaling)}`` of one model
-Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # {module: (lora_A (r, in), lora_B (out, r), s)}
 
 
 # ----------------------------------------------------------------------------- models and configs
-def components(pipe_or_models: Any) -> dict[str, nn.Module]:
-    """``{"unet": ..., "text_encoder": ...}`` from a pipeline (attributes) or a mapping; Nones dropped."""
-    if isinstance(pipe_or_models, Mapping):
-        found = {k: v for k, v in pipe_or_models.items() if v is not None}
-        unknown = sorted(set(found) - set(COMPONENTS))
-        if unknown:
-            raise ValueError(f"components: unknown name(s) {unknown}; expected some of {', '.join(COMPONENTS)}")
-    else:
-        found = {k: getattr(pipe_or_models, k, None) for k in COMPONENTS}
-        found = {k: v for k, v in found.items() if v is not None}
-    if not found or not all(isinstance(m, nn.Module) for m in found.values()):
-        raise TypeError(
-            f"expected a pipeline with .unet/.text_encoder or a dict of nn.Modules, got {type(pipe_or_models).__name__}"
-        )
-    return found
-
-
-def _adapted(pipe_or_models: Any) -> dict[str, dict[str, LoRALinear]]:
-    """``{component: {module name: adapter}}`` of the components that carry LoRA/SeLoRA layers."""
-    found = {c: lora_layers(m) for c, m in components(pipe_or_models).items()}
-    found = {c: layers for c, layers in found.items() if layers}
-    if not found:
-        raise ValueError("export: no LoRA/SeLoRA layer found (inject adapters with selora.inject first)")
-    return found
-
-
 def lora_config_kwargs(model: nn.Module) -> dict[str, Any]:
     """``LoraConfig`` keyword arguments that give every adapter of ``model`` its rank r_i and scaling s_i.
 
@@ -153,7 +143,7 @@ def save_diffusers_lora(pipe_or_models: Any, out_dir: str | Path, dtype: torch.d
     tensors: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {}
     models = components(pipe_or_models)
-    for comp, layers in _adapted(pipe_or_models).items():
+    for comp, layers in adapted_layers(pipe_or_models).items():
         tensors.update(_tensors(layers, comp + ".", dtype))
         config.update({f"{comp}.{k}": v for k, v in lora_config_kwargs(models[comp]).items()})
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
@@ -354,20 +344,65 @@ def merge_into(pipe_or_model: Any) -> Any:
     return pipe_or_model
 
 
-def save_merged(pipe_or_model: Any, out_dir: str | Path) -> Path:
+def save_merged(pipe_or_model: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Merge the adapters (:func:`merge_into`, in place) and ``save_pretrained`` a safetensors folder.
 
     The folder is written next to ``out_dir`` and moved into place at the end; an existing
-    non-empty ``out_dir`` is an error.
+    non-empty ``out_dir`` is an error. ``dtype``: cast the merged model(s) to it before saving
+    (``torch.float16`` halves the folder); default the model's own.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; choose a new --out")
     merge_into(pipe_or_model)
+    if dtype is not None:
+        pipe_or_model.to(dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir) as tmp:
         pipe_or_model.save_pretrained(tmp, safe_serialization=True)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- a training run
+def export_run(
+    run: str | Path, fmt: str, out: str | Path, adapters: str = "best", dtype: torch.dtype | None = None
+) -> tuple[Path, Path]:
+    """Export the adapters of a training run in ``fmt`` (:data:`FORMATS`) and write its model card.
+
+    ``out``: the export folder (diffusers, peft, merged) or, for kohya, a ``.safetensors`` file or a
+    folder (:func:`kohya_file`). ``adapters``: ``best`` or ``last``. ``dtype``: storage dtype (see the
+    writers). The card (:mod:`selora.modelcard`) names the base model, method, ranks, parameters,
+    config and the data's terms. Returns ``(what was written, the card)``.
+    """
+    from selora.modelcard import card_path, summarize, write_model_card
+    from selora.rundir import load_run  # the reader of a training run directory
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    target = kohya_file(run, out) if fmt == "kohya" else out
+    if fmt == "merged" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an empty folder; choose a new --out")
+    cfg, pipe = load_run(run, adapters=adapters, device=torch.device("cpu"))
+    summary = summarize(pipe)  # before a merge removes the adapters
+    if fmt == "diffusers":
+        written = save_diffusers_lora(pipe, out, dtype)
+        files = [written.name]
+    elif fmt == "peft":
+        files = []
+        for comp, model in components(pipe).items():
+            if lora_layers(model):
+                save_peft_adapter(model, out / comp, dtype)
+                files += [f"{comp}/{PEFT_CONFIG_NAME}", f"{comp}/{PEFT_WEIGHT_NAME}"]
+        written = out
+    elif fmt == "merged":
+        written = save_merged(pipe, out, dtype)
+        files = sorted(p.name for p in written.iterdir())
+    else:
+        written = save_kohya_lora(pipe, target, dtype, metadata=kohya_metadata(cfg))
+        files = [written.name]
+    card = write_model_card(card_path(written if fmt == "kohya" else out, fmt), cfg, summary, fmt, files)
+    return written, card
 
 
 # ----------------------------------------------------------------------------- command line
@@ -377,39 +412,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m selora.export --run DIR --format diffusers|peft|merged --out DIR``."""
+    """``python -m selora.export --run DIR --format diffusers|peft|merged|kohya --out DIR_OR_FILE``."""
     parser = _Parser(prog="python -m selora.export", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="a training run directory (selora.train --out)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder; for kohya a .safetensors file or a folder (then <run name>.safetensors)",
+    )
     parser.add_argument(
         "--adapters",
         choices=("best", "last"),
         default="best",
         help="the run's best adapters (lowest eval loss; default) or its last ones",
     )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="storage dtype (default: the weights' own, float32)"
+    )
     args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from selora.rundir import load_run  # the reader of a training run directory
-
     diffusers_logging.disable_progress_bar()  # keep stderr to the one line that matters
     transformers_logging.disable_progress_bar()
     try:
-        _, pipe = load_run(args.run, adapters=args.adapters, device=torch.device("cpu"))
-        if args.format == "diffusers":
-            written = save_diffusers_lora(pipe, args.out)
-        elif args.format == "peft":
-            for comp, model in components(pipe).items():
-                if lora_layers(model):
-                    save_peft_adapter(model, args.out / comp)
-            written = args.out
-        else:
-            written = save_merged(pipe, args.out)
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        written, card = export_run(args.run, args.format, args.out, adapters=args.adapters, dtype=dtype)
     except (ValueError, TypeError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
-    print(f"wrote {written}")
+    print(f"wrote {written} and its model card {card}")
     return 0
 
 

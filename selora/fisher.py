@@ -144,6 +144,11 @@ class LayerCapture:
             self._flush_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
 
+    def reset(self) -> None:
+        """Forget everything captured so far (a skipped step); ``K`` stays."""
+        self._sums = None
+        self.stats = None
+
     def flush(self) -> None:
         """Square the running per-sample sums and add them to :attr:`stats` (idempotent when empty)."""
         self._flush_queued = False

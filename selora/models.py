@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import StableDiffusionPipeline
+from packaging.version import Version
 
 from selora.distributed import default_device
 from selora.paths import ASSETS_DIR
@@ -34,6 +36,12 @@ def sd15_scheduler_config() -> dict[str, object]:
         "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon",
     }
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``dtype`` from diffusers 0.40 on
+    (``torch_dtype`` is deprecated there), ``torch_dtype`` before (where ``dtype`` is ignored)."""
+    return "dtype" if Version(Version(diffusers.__version__).base_version) >= Version("0.40") else "torch_dtype"
 
 
 def model_source(model: str) -> tuple[str, bool]:
@@ -68,10 +76,10 @@ def load_pipeline(
     source, local = model_source(model)
     pipe = StableDiffusionPipeline.from_pretrained(
         source,
-        torch_dtype=dtype,
         local_files_only=local,
         safety_checker=None,
         requires_safety_checker=False,
+        **{dtype_keyword(): dtype},
     )
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device if device is not None else default_device())

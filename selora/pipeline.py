@@ -3,10 +3,14 @@ method's adapters put in (never the VAE)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from selora.config import ConfigError, TrainConfig
+from selora.layers import LoRALinear, lora_layers
 from selora.methods import METHODS, Adapters
 
 #: The pipeline parts that carry adapters, and the name prefixes of their layers in :class:`DiffusionModel`.
@@ -38,6 +42,30 @@ def cast_trainable(model: nn.Module, dtype: torch.dtype = torch.float32) -> None
             p.data = p.data.to(dtype)
 
 
+def enable_checkpointing(model: DiffusionModel, use_reentrant: bool = False) -> None:
+    """Activation checkpointing in the UNet and the text encoder, non-reentrant by default.
+
+    With frozen embeddings the text encoder's input carries no gradient, and a REENTRANT checkpoint
+    (transformers 4.x's default) then gives its layers' adapters none; so the checkpoint is
+    non-reentrant and the embedding output is made to require grad (``enable_input_require_grads``;
+    which also rescues ``use_reentrant=True``). transformers >= 5 calls it
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is deprecated there).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def unet_checkpoint(module, *args):  # diffusers' own default, with use_reentrant made explicit
+        return checkpoint(module.__call__, *args, use_reentrant=use_reentrant)
+
+    model.unet.enable_gradient_checkpointing(unet_checkpoint)
+    te, kwargs = model.text_encoder, {"use_reentrant": use_reentrant}
+    if hasattr(te, "activation_checkpointing_enable"):
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not (getattr(te, "_require_grads_hooks", None) or getattr(te, "_require_grads_hook", None)):
+        te.enable_input_require_grads()  # not already done by transformers (5.x does it; 4.x only for PEFT)
+
+
 def add_adapters(pipe, cfg: TrainConfig, total_steps: int, generator: torch.Generator | None = None) -> DiffusionModel:
     """Put ``cfg.method``'s adapters into ``pipe.unet`` (+ the text encoder); everything else frozen.
 
@@ -58,3 +86,29 @@ def add_adapters(pipe, cfg: TrainConfig, total_steps: int, generator: torch.Gene
         raise ConfigError(f"method={cfg.method}: {err}") from None
     cast_trainable(model)
     return model
+
+
+def components(pipe_or_models: Any) -> dict[str, nn.Module]:
+    """``{"unet": ..., "text_encoder": ...}`` from a pipeline (attributes) or a mapping; Nones dropped."""
+    if isinstance(pipe_or_models, Mapping):
+        found = {k: v for k, v in pipe_or_models.items() if v is not None}
+        unknown = sorted(set(found) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"components: unknown name(s) {unknown}; expected some of {', '.join(COMPONENTS)}")
+    else:
+        found = {k: getattr(pipe_or_models, k, None) for k in COMPONENTS}
+        found = {k: v for k, v in found.items() if v is not None}
+    if not found or not all(isinstance(m, nn.Module) for m in found.values()):
+        raise TypeError(
+            f"expected a pipeline with .unet/.text_encoder or a dict of nn.Modules, got {type(pipe_or_models).__name__}"
+        )
+    return found
+
+
+def adapted_layers(pipe_or_models: Any) -> dict[str, dict[str, LoRALinear]]:
+    """``{component: {module name: adapter}}`` of the components that carry LoRA/SeLoRA layers."""
+    found = {c: lora_layers(m) for c, m in components(pipe_or_models).items()}
+    found = {c: layers for c, layers in found.items() if layers}
+    if not found:
+        raise ValueError("export: no LoRA/SeLoRA layer found (inject adapters with selora.inject first)")
+    return found

@@ -2,13 +2,24 @@
 
 config.yaml            the resolved config          metrics.jsonl      train/eval records
 rank_history.jsonl     step -> rank per layer       samples/           grids per evaluation
-checkpoints/last/      resumable state              best/              best adapters (eval loss)
+checkpoints/last/      newest resumable state       best/              best adapters (eval loss)
+checkpoints/previous/  the checkpoint before it     checkpoints/last.bad/  a bad ``last`` set aside
 adapters.safetensors   final adapters               ranks.json         final layer -> rank
+
+Checkpoints (:mod:`selora.checkpoint`) are written every ``checkpoint_every`` steps, after each
+epoch and at the end; the two newest are kept. A resume reads ``last`` and, if a file of it is
+truncated or corrupt, falls back to ``previous`` (``last`` is then moved to ``last.bad`` and
+``previous`` to ``last``); the records are cut back to the lengths the checkpoint used stored.
+``adapters.safetensors``/``ranks.json`` are written when the run ends (its last epoch or
+``--max-steps``); a run continued past a ``--max-steps`` end drops them until it ends again, so
+they always belong to the checkpoint in ``last``. Hidden ``.*.tmp``/``.*.del`` entries are
+temporaries of interrupted writes (removed on resume).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +36,10 @@ METRICS = "metrics.jsonl"
 RANK_HISTORY = "rank_history.jsonl"
 FINAL_ADAPTERS = "adapters.safetensors"
 FINAL_RANKS = "ranks.json"
+CHECKPOINTS = "checkpoints"
 LAST = "checkpoints/last"
+PREVIOUS = "checkpoints/previous"
+BAD = "checkpoints/last.bad"
 BEST = "best"
 SAMPLES = "samples"
 
@@ -44,6 +58,20 @@ def truncate_lines(path: Path, n: int) -> None:
     """Keep the first ``n`` lines of ``path`` (records written after a checkpoint are dropped)."""
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
     atomic_write_text(path, "".join(lines[:n]))
+
+
+def remove_temporaries(run_dir: Path | str) -> list[Path]:
+    """Delete the hidden temporaries an interrupted write left in ``run_dir`` and its checkpoints
+    folder (one process writes a run, so none is in use); returns them."""
+    run_dir = Path(run_dir)
+    found = [p for folder in (run_dir, run_dir / CHECKPOINTS) for p in folder.glob(".*.tmp")]
+    found += list((run_dir / CHECKPOINTS).glob(".*.del"))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def read_records(run_dir: Path | str) -> dict[str, list[dict]]:
@@ -69,11 +97,11 @@ def run_config(run_dir: Path | str) -> TrainConfig:
 
 
 def adapters_path(run_dir: Path | str, adapters: str = "best") -> Path:
-    """The adapter file of ``best`` (falls back to ``last``) or ``last`` (the final adapters of a
-    finished run, else the latest checkpoint's)."""
+    """The adapter file of ``best`` (falls back to ``last``) or ``last`` (the final adapters of an
+    ended run, else the latest checkpoint's: ``checkpoints/last``, else ``checkpoints/previous``)."""
     run_dir = Path(run_dir)
     candidates = [run_dir / BEST / FINAL_ADAPTERS] if adapters == "best" else []
-    candidates += [run_dir / FINAL_ADAPTERS, run_dir / LAST / FINAL_ADAPTERS]
+    candidates += [run_dir / FINAL_ADAPTERS, run_dir / LAST / FINAL_ADAPTERS, run_dir / PREVIOUS / FINAL_ADAPTERS]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no adapters (best/, adapters.safetensors or checkpoints/last/)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +22,17 @@ from tqdm.auto import tqdm
 
 from selora import rundir
 from selora.checkpoint import (
-    adapter_tensors,
     find_checkpoint,
-    join_tensors,
-    load_adapter_tensors,
-    optimizer_from_files,
-    optimizer_to_files,
-    read_checkpoint,
-    rng_states,
-    set_rng_states,
-    split_tensors,
-    write_checkpoint,
-    write_json,
 )
+from selora.checkpointing import Checkpointer, Progress
 from selora.config import ConfigError, TrainConfig
 from selora.data import open_dataset
 from selora.diffusion import encode_split, noise_prediction_loss, noise_scheduler, tokenize, training_batch
 from selora.distributed import init_distributed
 from selora.evaluation import Evaluator
-from selora.io import atomic_save_safetensors
 from selora.models import load_pipeline
 from selora.params import count_parameters
-from selora.pipeline import add_adapters
+from selora.pipeline import add_adapters, enable_checkpointing
 from selora.profile import seed_everything
 
 AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,24 +57,15 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
-@dataclass
-class Progress:
-    """Where a run is: optimizer ``step``s taken, ``epoch``, ``batch`` within it, batches drawn in
-    total (``attempt``, skipped ones included) and non-finite steps in a row (``bad``)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    attempt: int = 0
-    bad: int = 0
-
-
 class Trainer:
     """Fine-tune ``cfg.model`` on ``cfg.dataset`` into ``run_dir`` (:mod:`selora.rundir`); call :meth:`run`.
 
-    ``resume=True`` continues from ``run_dir/checkpoints/last``. ``max_steps`` stops (with a
-    checkpoint) once that many optimizer steps are done in total. ``metrics``: extra evaluation
-    metrics (see :class:`selora.evaluation.Evaluator`; default: the active profile's).
+    ``resume=True`` continues from the newest good checkpoint (``checkpoints/last``, else
+    ``checkpoints/previous``). ``max_steps`` ends the run once that many optimizer steps are done in
+    total, as the last epoch does (evaluation, best/, final adapters); a resume with a larger one
+    continues it. ``metrics``: extra evaluation metrics (see :class:`selora.evaluation.Evaluator`;
+    default: those of the run's data and model,
+    :func:`selora.evaluation.default_metrics`).
     """
 
     def __init__(
@@ -110,8 +90,7 @@ class Trainer:
         self.model = add_adapters(self.pipe, cfg, total_steps=self.total_steps, generator=adapter_gen)
         self.adapters = self.model.adapters
         if cfg.gradient_checkpointing:
-            self.pipe.unet.enable_gradient_checkpointing()
-            self.pipe.text_encoder.gradient_checkpointing_enable()
+            enable_checkpointing(self.model)  # non-reentrant: text-encoder adapters keep their gradients
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -124,21 +103,14 @@ class Trainer:
         self.finished = False
         self.metrics_path, self.ranks_path = self.run_dir / rundir.METRICS, self.run_dir / rundir.RANK_HISTORY
         self.evaluator = Evaluator(self, metrics)
+        self.checkpoints = Checkpointer(self)
         if resume:
-            self._restore()
+            self.checkpoints.restore()
         elif self.dist.main:
-            self._start_run_dir()
+            self.checkpoints.start_run_dir()
         self.ddp = self._wrap()
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _start_run_dir(self) -> None:
-        """A fresh run directory: the resolved config, empty records, the rank history's step 0."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / rundir.CONFIG).write_text(self.cfg.to_yaml(), encoding="utf-8")
-        for path in (self.metrics_path, self.ranks_path):
-            rundir.truncate_lines(path, 0)
-        rundir.append_record(self.ranks_path, {"step": 0, "ranks": self.adapters.ranks()})
-
     def _load_data(self, dtype: torch.dtype) -> None:
         """The frozen base pipeline, both splits encoded once (latents cached) and the DDPM schedule."""
         cfg = self.cfg
@@ -173,6 +145,7 @@ class Trainer:
         at = self.at
         at.bad += 1
         self.optimizer.zero_grad(set_to_none=True)
+        self.adapters.on_skip()  # SeLoRA: nothing this pass captured reaches the expansion test
         self.log(
             {"kind": "train", "step": at.step, "batch": at.attempt, "epoch": at.epoch, "loss": None, "skipped": why}
         )
@@ -196,6 +169,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.adapters.on_skip()
         else:
             self._skip("non-finite gradient")
         return False
@@ -204,7 +178,7 @@ class Trainer:
         """One optimizer step on the global batch ``idx``; returns the mean loss or None if skipped."""
         at, dev = self.at, self.dist.device
         at.attempt += 1
-        noisy, t, ids, noise = training_batch(
+        noisy, t, ids, target = training_batch(  # target: eps, or v for a v-prediction model
             self.train,
             idx,
             self.gen,
@@ -217,7 +191,7 @@ class Trainer:
         self.adapters.before_forward(at.step)
         with torch.autocast(dev.type, dtype=self.autocast, enabled=self.autocast is not None):
             pred = self.ddp(noisy, t, ids)
-        loss = noise_prediction_loss(pred, noise)  # mean over the local batch
+        loss = noise_prediction_loss(pred, target)  # mean over the local batch
         if at.attempt in self.cfg.debug_nan_steps:  # test hook (config key debug_nan_steps)
             loss = loss * float("nan")
         reg = self.adapters.regulariser().float().to(loss.device)
@@ -227,10 +201,11 @@ class Trainer:
             return None
         if not self._backward(loss + reg):
             return None
+        scale = self.scaler.get_scale()  # what this backward's loss was multiplied by (1.0 without fp16)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_schedule.step()
-        change = self.adapters.after_step(at.step)  # needs this step's gradients
+        change = self.adapters.after_step(at.step, grad_scale=scale)  # needs this step's gradients
         self.optimizer.zero_grad(set_to_none=True)
         at.step += 1
         at.bad = 0
@@ -255,78 +230,25 @@ class Trainer:
         return mean_loss
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self) -> None:
-        """Write ``checkpoints/last`` atomically (main process) and wait for it on every process."""
-        if self.dist.main:
-            tensors, opt_meta = optimizer_to_files(self.optimizer)
-            method_tensors, method_meta = split_tensors(self.adapters.state_dict(), "method")
-            rng_t, rng_meta = rng_states({"train": self.gen, **self.adapters.generators()})
-            state = {
-                **asdict(self.at),
-                "best": self.best,
-                "finished": self.finished,
-                "world": self.dist.world,
-                "records": {
-                    "metrics": rundir.count_lines(self.metrics_path),
-                    "ranks": rundir.count_lines(self.ranks_path),
-                },
-                "optimizer": opt_meta,
-                "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "method": method_meta,
-                "rng": rng_meta,
-            }
-            write_checkpoint(
-                self.run_dir / rundir.LAST,
-                adapter_tensors(self.adapters),
-                self.adapters.ranks(),
-                {**tensors, **method_tensors, **rng_t},
-                state,
-            )
-        self.dist.barrier()
+    #: The step at which ``--max-steps`` ended the run (final adapters written); None while it goes on.
+    stopped_at: int | None = None
+    #: The step of the latest evaluation (None before the first).
+    eval_step: int | None = None
 
-    def _restore(self) -> None:
-        """Resume from ``checkpoints/last``: the method's state first (SeLoRA grows its layers and
-        swaps the optimizer's parameters), then adapter values, optimizer, schedule, RNG, counters."""
-        found = find_checkpoint(self.run_dir / rundir.LAST)
-        if found is None:
-            raise ConfigError(f"--resume {self.run_dir}: no checkpoint in {rundir.LAST}")
-        adapters, tensors, state = read_checkpoint(found)
-        self.adapters.load_state_dict(join_tensors(state["method"], tensors))
-        load_adapter_tensors(self.adapters, adapters, where=str(found))
-        optimizer_from_files(self.optimizer, tensors, state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_states(tensors, state["rng"], {"train": self.gen, **self.adapters.generators()})
-        self.at = Progress(**{key: state[key] for key in asdict(self.at)})
-        self.best, self.finished = state["best"], state["finished"]
-        if self.dist.main:
-            rundir.truncate_lines(self.metrics_path, state["records"]["metrics"])
-            rundir.truncate_lines(self.ranks_path, state["records"]["ranks"])
-        self.dist.barrier()
-
-    def _save_best(self, record: dict) -> None:
-        if self.best is not None and record["eval_loss"] >= self.best["eval_loss"]:
-            return
-        self.best = {"eval_loss": record["eval_loss"], "step": self.at.step, "epoch": self.at.epoch}
-        if self.dist.main:
-            write_checkpoint(
-                self.run_dir / rundir.BEST, adapter_tensors(self.adapters), self.adapters.ranks(), state=self.best
-            )
-
-    def _finish(self) -> None:
-        self.finished = True
-        if self.dist.main:
-            atomic_save_safetensors(adapter_tensors(self.adapters), self.run_dir / rundir.FINAL_ADAPTERS)
-            write_json(self.run_dir / rundir.FINAL_RANKS, self.adapters.ranks())
-        self.save()
+    def evaluate(self) -> None:
+        """Evaluate (records the step) and keep the adapters in ``best/`` if the eval loss is the lowest."""
+        record = self.evaluator.evaluate()
+        self.eval_step = self.at.step
+        self.checkpoints.save_best(record)
 
     # -- the loop --------------------------------------------------------------------------------
     def _stopped(self) -> bool:
         return self.max_steps is not None and self.at.step >= self.max_steps
 
     def run(self) -> dict[str, Any]:
-        """Train to the end (or to ``max_steps``); returns a summary dict."""
+        """Train to the end of the last epoch, or to ``max_steps`` and end there the same way
+        (evaluation, best/, final adapters, a checkpoint); returns a summary dict. A finished run
+        (all epochs) has nothing to do; one ended at ``max_steps`` continues with a larger one."""
         cfg, at = self.cfg, self.at
         bar = tqdm(
             total=self.total_steps,
@@ -338,12 +260,13 @@ class Trainer:
         try:
             while not self.finished:
                 at = self.at
-                if self._stopped():
-                    self.save()
-                    return self.summary("stopped at --max-steps")
                 if at.epoch >= cfg.epochs:
-                    self._finish()
+                    self.checkpoints.finish()
                     break
+                if self._stopped():
+                    self.checkpoints.end_at_max_steps()
+                    return self.summary("stopped at --max-steps")
+                self.checkpoints.reopen()
                 order = torch.randperm(
                     len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + at.epoch)
                 )
@@ -353,16 +276,17 @@ class Trainer:
                     loss = self.train_step(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
                     if loss is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank())
+                        if not bar.disable:  # the total rank costs a walk over every layer
+                            bar.set_postfix(loss=f"{loss:.4f}", rank=self.total_rank())
                         if cfg.checkpoint_every and at.step % cfg.checkpoint_every == 0:
-                            self.save()
+                            self.checkpoints.save()
                 if at.batch < self.steps_per_epoch:
                     continue  # stopped by max_steps
                 at.epoch += 1
                 at.batch = 0
                 if at.epoch % cfg.eval_every == 0 or at.epoch == cfg.epochs:
-                    self._save_best(self.evaluator.evaluate())
-                self.save()
+                    self.evaluate()
+                self.checkpoints.save()
         finally:
             bar.close()
         return self.summary("finished")

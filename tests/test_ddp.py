@@ -1,5 +1,8 @@
 """Two CPU processes under torchrun (gloo) train like one process with the same global batch:
-Fisher statistics reduced before each decision, the same K everywhere, DDP rebuilt on growth."""
+Fisher statistics reduced before each decision, the same K everywhere, DDP rebuilt on growth.
+
+``check_two_processes`` holds the checks; tests/test_accelerate.py applies them to the same run
+started by ``accelerate launch``."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -35,32 +39,25 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
 """
 
 
-def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
-    # global batch 16 -> 6 steps per epoch; tests for expansion at steps 2, 4, 6; evaluation at the end
-    overrides = tiny_overrides(assets, batch_size=16, epochs=1, interval=2, threshold=1.3, num_samples=2)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    ddp = tmp_path / "ddp"
-    env = {**os.environ, "SELORA_CACHE": str(assets["cache"]), "SELORA_PROFILE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(driver),
-            str(ddp),
-            json.dumps(overrides),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def ddp_overrides(paths: dict[str, Path]) -> list[str]:
+    """Global batch 16 -> 6 steps per epoch; tests for expansion at steps 2, 4, 6; evaluation at the end.
+    ``paths``: the ``assets`` fixture."""
+    return tiny_overrides(paths, batch_size=16, epochs=1, interval=2, threshold=1.3, num_samples=2)
+
+
+def one_process_run(paths: dict[str, Path]) -> Path:
+    """The one-process run with :func:`ddp_overrides`, trained once per session (both launcher tests use it)."""
+    run = paths["model"].parent / "ddp-one-process"
+    if not (run / "ranks.json").is_file():  # written by Trainer._finish
+        Trainer(load_config("montgomery-offline", ddp_overrides(paths)), run, progress=False).run()
+    return run
+
+
+def check_two_processes(paths: dict[str, Path], ddp: Path) -> None:
+    """``ddp`` (a run folder with each process's ``rank<r>.json`` / ``rank<r>.safetensors``) was trained
+    by two processes of one thread each, identically on both, and matches the one-process run.
+    ``paths``: the ``assets`` fixture."""
+    overrides = ddp_overrides(paths)
     info = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world"] for i in info] == [2, 2] and [i["threads"] for i in info] == [1, 1]
     # identical across processes: ranks exactly, adapters bit for bit (DDP averages the gradients)
@@ -71,8 +68,7 @@ def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
     assert grown and len(grown) < len(info[0]["ranks"]), "threshold should grow some layers, not all"
 
     # one process, same global batch
-    single = tmp_path / "single"
-    Trainer(load_config("montgomery-offline", overrides), single, progress=False).run()
+    single = one_process_run(paths)
     assert json.loads((single / "ranks.json").read_text()) == info[0]["ranks"]
     ref = load_file(str(single / "adapters.safetensors"))
     assert ref.keys() == a0.keys()
@@ -90,3 +86,30 @@ def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
     hist = [[h["ranks"] for h in read_records(d)["ranks"]] for d in (single, ddp)]
     assert hist[0] == hist[1] and len(hist[0]) == 4
     assert (ddp / "samples" / "epoch-001.png").is_file()
+
+
+def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "SELORA_CACHE": str(assets["cache"]), "SELORA_PROFILE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(driver),
+            str(ddp),
+            json.dumps(ddp_overrides(assets)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_two_processes(assets, ddp)

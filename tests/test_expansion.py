@@ -240,3 +240,49 @@ def test_reduce_hook_sees_the_statistics():
     assert len(seen) == 1 and seen[0].shape == (3, 3) and torch.all(seen[0][:, 2] == 16)
     for a, b in zip(got, want):
         assert a.fi_orig == pytest.approx(b.fi_orig) and a.fi_exp == pytest.approx(b.fi_exp)
+
+
+def test_discard_drops_a_skipped_pass_and_keeps_the_test_step():
+    """A pass whose step is skipped (here: a huge loss, as an fp16 overflow would give) is dropped by
+    ``discard()``; the next pass is captured afresh with the same K: the decisions of a controller
+    that never saw the bad pass."""
+    model, _ = toy()
+    ref_model = copy.deepcopy(model)
+    ctl = selora.ExpansionController(model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0))
+    ref = selora.ExpansionController(
+        ref_model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0)
+    )
+    (bx, by), (x, y) = batch(7), batch(0)
+    (((model(bx) - by) ** 2).mean() * float("inf")).backward()
+    assert ctl.armed
+    ctl.discard()
+    assert ctl.armed and all(c.stats is None for c in ctl.captures.values())
+    model.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    ((ref_model(x) - y) ** 2).mean().backward()
+    got, want = ctl.step(), ref.step()
+    assert [(d.name, d.fi_orig, d.fi_exp, d.expanded) for d in got] == [
+        (d.name, d.fi_orig, d.fi_exp, d.expanded) for d in want
+    ]
+    assert all(math.isfinite(d.ratio) for d in got) and selora.ranks(model) == selora.ranks(ref_model)
+
+
+@pytest.mark.parametrize("scale", [2.0**16, 3.0])
+def test_grad_scale_is_divided_out_of_the_statistics(scale):
+    """Hooks see the gradient of ``loss * scale`` (a GradScaler); ``step(grad_scale=scale)`` gives the
+    FI values of the unscaled loss (sums of squared gradients: divided by scale^2)."""
+    model, _ = toy()
+    ref_model = copy.deepcopy(model)
+    ctl = selora.ExpansionController(model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0))
+    ref = selora.ExpansionController(
+        ref_model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0)
+    )
+    x, y = batch(0)
+    (((model(x) - y) ** 2).mean() * scale).backward()
+    ((ref_model(x) - y) ** 2).mean().backward()
+    got, want = ctl.step(grad_scale=scale), ref.step()
+    for a, b in zip(got, want):
+        assert a.fi_orig == pytest.approx(b.fi_orig, rel=1e-5) and a.fi_exp == pytest.approx(b.fi_exp, rel=1e-5)
+        assert a.ratio == pytest.approx(b.ratio, rel=1e-5) and a.expanded == b.expanded
+    with pytest.raises(ValueError, match="grad_scale"):
+        ctl.step(grad_scale=0.0)

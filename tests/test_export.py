@@ -29,6 +29,7 @@ import selora
 from selora.export import (
     DIFFUSERS_METADATA_KEY,
     DIFFUSERS_WEIGHT_NAME,
+    FORMATS,
     PEFT_CONFIG_NAME,
     PEFT_WEIGHT_NAME,
     load_selora,
@@ -39,6 +40,7 @@ from selora.export import (
     save_merged,
     save_peft_adapter,
 )
+from selora.kohya import kohya_name, save_kohya_lora
 from selora.layers import LoRALinear, SeLoRALinear, lora_layers
 from selora.tokenizer import BOS, EOS, bytes_to_unicode
 
@@ -472,9 +474,11 @@ def fake_run(run: Path, pipe: StableDiffusionPipeline, base: Path) -> Path:
 def test_cli_exports_a_training_run_in_every_format(trained, tmp_path, capsys):
     root, pipe, x, ref = trained
     run = fake_run(tmp_path / "run", pipe, root / "base")
-    for fmt in ("diffusers", "peft", "merged"):
+    assert FORMATS == ("diffusers", "peft", "merged", "kohya")
+    for fmt in FORMATS:
         assert main(["--run", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert capsys.readouterr().out.startswith("wrote ")
+    assert (tmp_path / "kohya" / "run.safetensors").is_file(), "a kohya --out folder gets <run name>.safetensors"
     want = load_file(str(save_diffusers_lora(pipe, tmp_path / "direct")))
     got = load_file(str(tmp_path / "diffusers" / DIFFUSERS_WEIGHT_NAME))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -557,3 +561,229 @@ def test_half_precision_export_stores_fp16_and_loads_into_the_base_dtype(trained
     for comp in ("unet", "text_encoder"):  # fp16 rounding of A and B, nothing more
         assert not torch.equal(got[comp], ref[comp])
         assert torch.allclose(got[comp], ref[comp], atol=1e-2, rtol=0), comp
+
+
+# ----------------------------------------------------------------------------- kohya / A1111 / ComfyUI file
+KOHYA_STOCK = textwrap.dedent(
+    r"""
+    import json
+    import sys
+
+    class BlockSelora:
+        def find_spec(self, name, path=None, target=None):
+            if name == "selora" or name.startswith("selora."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
+            return None
+
+    sys.meta_path.insert(0, BlockSelora())
+    sys.path = [p for p in sys.path if p not in ("", ".")]
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(1)
+    base, kohya, merged, inputs, result, layers_json = sys.argv[1:]
+    x = load_file(inputs)
+    out = {}
+
+    @torch.no_grad()
+    def run(tag, pipe):
+        out[f"unet_{tag}"] = pipe.unet(x["sample"], x["timestep"], x["context"]).sample
+        out[f"text_encoder_{tag}"] = pipe.text_encoder(x["input_ids"]).last_hidden_state
+
+    def load(folder):
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    run("merged", load(merged))                  # the merged export, as stock diffusers reads it
+    pipe = load(base)
+    pipe.load_lora_weights(kohya)                # diffusers' own kohya-format converter
+    layers = {}
+    for comp in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, comp).named_modules():
+            if isinstance(module, LoraLayer):
+                (adapter,) = module.r
+                layers[f"{comp}.{name}"] = [module.r[adapter], module.scaling[adapter]]
+    run("kohya", pipe)
+    pipe.fuse_lora()
+    run("kohya_fused", pipe)
+
+    leaked = sorted(m for m in sys.modules if m == "selora" or m.startswith("selora."))
+    assert not leaked, f"selora modules were imported: {leaked}"
+    save_file({k: v.contiguous() for k, v in out.items()}, result)
+    with open(layers_json, "w") as fh:
+        json.dump(layers, fh)
+    """
+)
+KOHYA_RTOL = 1e-5  # max |difference| / max |output|, float32
+
+
+@pytest.fixture(scope="module")
+def kohya_stock(trained):
+    """A forged run exported by the CLI as kohya + merged, both read by stock diffusers (no selora)."""
+    root, pipe, _, _ = trained
+    run = fake_run(root / "kohya-run", pipe, root / "base")
+    assert main(["--run", str(run), "--format", "kohya", "--out", str(root / "kohya" / "adapter.safetensors")]) == 0
+    assert main(["--run", str(run), "--format", "merged", "--out", str(root / "merged-cli")]) == 0
+    script, result, layers = root / "kohya_stock.py", root / "kohya_stock.safetensors", root / "kohya_layers.json"
+    script.write_text(KOHYA_STOCK, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    args = [root / "base", root / "kohya" / "adapter.safetensors", root / "merged-cli"]
+    args += [root / "inputs.safetensors", result, layers]
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script), *map(str, args)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stock process failed:\n{proc.stderr[-3000:]}"
+    return root / "kohya" / "adapter.safetensors", load_file(str(result)), json.loads(layers.read_text())
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def test_stock_diffusers_kohya_loader_matches_the_merged_export(trained, kohya_stock):
+    _, _, _, ref = trained
+    _, out, _ = kohya_stock
+    for comp in ("unet", "text_encoder"):
+        assert_close(out[f"{comp}_merged"], ref[comp], f"stock merged {comp}")
+        for tag in ("kohya", "kohya_fused"):
+            err = relative_error(out[f"{comp}_{tag}"], out[f"{comp}_merged"])
+            assert err < KOHYA_RTOL, f"{tag} {comp}: relative error {err:.3g} against the merged export"
+            assert_close(out[f"{comp}_{tag}"], ref[comp], f"{tag} {comp} against selora")
+
+
+def test_stock_diffusers_kohya_loader_gives_every_layer_its_rank_and_scaling(trained, kohya_stock):
+    """diffusers builds one LoRA layer per adapted module, at its rank r_i, scaled by alpha / r_i."""
+    _, pipe, _, _ = trained
+    file, _, loaded = kohya_stock
+    tensors = load_file(str(file))
+    (alpha,) = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
+    want = {f"{c}.{n}": layer for c in ("unet", "text_encoder") for n, layer in lora_layers(getattr(pipe, c)).items()}
+    assert len({layer.rank for layer in want.values()}) >= 3, "the fixture should have mixed ranks"
+    assert set(loaded) == set(want)
+    for name, (r, scaling) in loaded.items():
+        assert r == want[name].rank, name
+        assert scaling == pytest.approx(alpha / r), name
+
+
+def test_kohya_file_layout_alphas_and_header(trained, tmp_path):
+    _, pipe, _, _ = trained
+    file = save_kohya_lora(pipe, tmp_path / "a.safetensors")
+    tensors = load_file(str(file))
+    with safe_open(str(file), framework="pt") as fh:
+        header = fh.metadata()
+    layers = {(c, n): layer for c in ("unet", "text_encoder") for n, layer in lora_layers(getattr(pipe, c)).items()}
+    keys = {kohya_name(c, n): layer for (c, n), layer in layers.items()}
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in keys
+    assert "lora_unet_time_embedding_linear_1" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in keys
+    assert set(tensors) == {f"{k}.{part}" for k in keys for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    products = [layer.scaling * layer.rank for layer in keys.values()]
+    shared = max(set(products), key=products.count)  # the most common s_i r_i
+    for key, layer in keys.items():
+        r = layer.rank
+        down, up, alpha = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"], tensors[f"{key}.alpha"]
+        assert down.shape == (r, layer.in_features) and up.shape == (layer.out_features, r), key
+        assert alpha.dim() == 0 and alpha.dtype == torch.float32 and alpha.item() == shared, key
+        assert torch.equal(down, layer.lora_A.detach()), key
+        # what kohya, A1111, ComfyUI and diffusers compute: (alpha / r) up down = s B A
+        assert torch.allclose(alpha / r * up, layer.scaling * layer.lora_B.detach(), rtol=1e-6, atol=0), key
+    assert header["ss_network_module"] == "networks.lora"
+    assert header["ss_network_dim"] == "Dynamic"  # mixed ranks: no single dim (kohya's own spelling)
+    assert float(header["ss_network_alpha"]) == shared
+
+
+def test_per_module_alphas_are_kohyas_rule_but_stock_diffusers_misloads_them(trained, tmp_path):
+    """alphas="per-module" writes alpha_i = s_i r_i (kohya's resize rule, exact in A1111 / ComfyUI); stock
+    diffusers drops the alphas of attention projections, which is why "shared" is the default."""
+    root, pipe, x, ref = trained
+    file = save_kohya_lora(pipe, tmp_path / "per-module.safetensors", alphas="per-module")
+    tensors = load_file(str(file))
+    for c in ("unet", "text_encoder"):
+        for n, layer in lora_layers(getattr(pipe, c)).items():
+            key = kohya_name(c, n)
+            assert tensors[f"{key}.alpha"].item() / layer.rank == pytest.approx(layer.scaling), key
+            assert torch.equal(tensors[f"{key}.lora_up.weight"], layer.lora_B.detach()), key
+    plain = load_base(root / "base")
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):
+        plain.load_lora_weights(str(file))
+    got = outputs(plain.unet, plain.text_encoder, x)
+    for comp in ("unet", "text_encoder"):
+        assert not torch.allclose(got[comp], ref[comp], atol=100 * ATOL), f"per-module alphas loaded exactly ({comp})"
+
+
+def test_kohya_half_precision_and_bad_input(trained, tmp_path):
+    root, pipe, x, ref = trained
+    file = save_kohya_lora(pipe, tmp_path / "half.safetensors", dtype=torch.float16)
+    tensors = load_file(str(file))
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    fresh = load_base(root / "base")
+    fresh.load_lora_weights(str(file))
+    got = outputs(fresh.unet, fresh.text_encoder, x)
+    for comp in ("unet", "text_encoder"):  # fp16 rounding of A and B, nothing more
+        assert not torch.equal(got[comp], ref[comp])
+        assert torch.allclose(got[comp], ref[comp], atol=1e-2, rtol=0), comp
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        save_kohya_lora(pipe, tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="alphas: expected one of"):
+        save_kohya_lora(pipe, tmp_path / "b.safetensors", alphas="kohya")
+    with pytest.raises(ValueError, match="no LoRA/SeLoRA layer"):
+        save_kohya_lora(load_base(root / "base"), tmp_path / "c.safetensors")
+
+
+def test_cli_kohya_bad_out_exits_2_with_one_line(trained, tmp_path, capsys):
+    root, pipe, _, _ = trained
+    run = fake_run(tmp_path / "run", pipe, root / "base")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["--run", str(run), "--format", "kohya", "--out", str(tmp_path / "adapter.ckpt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ".safetensors" in err, err
+    assert not (tmp_path / "adapter.ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- model cards
+def test_every_export_writes_a_model_card(trained, kohya_stock, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    root, pipe, _, _ = trained
+    kohya_file, _, _ = kohya_stock
+    run = fake_run(tmp_path / "run", pipe, root / "base")
+    cards = {"kohya": kohya_file.with_suffix(".md"), "merged": root / "merged-cli" / "README.md"}
+    for fmt in ("diffusers", "peft"):
+        assert main(["--run", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        cards[fmt] = tmp_path / fmt / "README.md"
+    assert set(cards) == set(FORMATS)
+    assert f"model card {cards['peft']}" in capsys.readouterr().out
+    ranks = {f"{c}.{n}": m.rank for c in ("unet", "text_encoder") for n, m in lora_layers(getattr(pipe, c)).items()}
+    layers = [m for c in ("unet", "text_encoder") for m in lora_layers(getattr(pipe, c)).values()]
+    trainable = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers)
+    for fmt, path in cards.items():
+        assert path.is_file(), f"{fmt}: no model card at {path}"
+        assert path.stat().st_mode & 0o777 == 0o644, f"{fmt}: card left private"
+        card = ModelCard.load(path)
+        assert card.data.base_model == str(root / "base"), fmt
+        assert card.data.selora["format"] == fmt and card.data.selora["method"] == "selora", fmt
+        assert card.data.selora["total_rank"] == sum(ranks.values()), fmt
+        assert card.data.selora["trainable_parameters"] == trainable, fmt
+        assert {"lora", "selora", "stable-diffusion", "medical-imaging", "offline-demo"} <= set(card.data.tags), fmt
+        text = card.text
+        assert "offline demo model" in text, fmt  # a phantom-data run says so
+        assert f"Total rank **{sum(ranks.values())}**" in text, fmt
+        assert "| attn1 q |" in text and "| text q |" in text, f"{fmt}: no per-kind ranks"
+        assert all(f"| `{name}` | {r} |" in text for name, r in ranks.items()), f"{fmt}: per-layer ranks"
+        assert f"{trainable:,}" in text, fmt
+        assert "no patient data" in text and "arXiv 2408.07196" in text, fmt
+        assert "lora_scale: 0.5" in text and "unet_targets: all-linear" in text, f"{fmt}: no training config"
+        assert card.data.library_name == ("peft" if fmt == "peft" else "diffusers"), fmt
+    assert "lora_te_" in ModelCard.load(cards["kohya"]).text

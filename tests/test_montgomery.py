@@ -108,10 +108,24 @@ def test_readings_missing_fields(tmp_path, text, expected):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_readings_not_utf8(tmp_path):
-    path = _readings(tmp_path, b"Patient's Sex: F\nPatient's Age: 027Y\nnormal \xe9t\xe9\n")
-    with pytest.raises(DataError, match=r"not UTF-8 .*0xe9"):
-        parse_readings(path)
+def test_readings_not_utf8_decoded_tolerantly_with_a_warning(tmp_path):
+    path = _readings(tmp_path, b"Patient\x92s Sex: F\nPatient's Age: 027Y\nnormal \xe9t\xe9\n")
+    with pytest.warns(UserWarning, match=r"r\.txt: not UTF-8 \(byte 0x92 at offset 7\).*Windows-1252") as rec:
+        assert parse_readings(path) == ("F", 27, "normal \u00e9t\u00e9", None)
+    assert len(rec) == 1 and str(path) in str(rec[0].message)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "\ufeffPatient's Sex: M\r\nPatient's Age: 040Y\r\nnormal\r\n".encode(),  # UTF-8 with a BOM
+        "Patient's Sex: M\r\nPatient's Age: 040Y\r\nnormal\r\n".encode("utf-16"),  # Notepad's "Unicode"
+    ],
+    ids=["utf-8-bom", "utf-16"],
+)
+def test_readings_with_a_byte_order_mark(tmp_path, raw, recwarn):
+    assert parse_readings(_readings(tmp_path, raw)) == ("M", 40, "normal", None)
+    assert not recwarn.list
 
 
 def test_every_phantom_prompt_has_the_format(root):
@@ -339,7 +353,8 @@ def test_download_bad_checksum_deletes_and_explains(phantom, tmp_path, monkeypat
     with pytest.raises(DataError) as err:
         download_montgomery(tmp_path, urls=("u",), opener=opener)  # default = the real set's checksum
     msg = str(err.value)
-    assert "54601e95" in msg and _sha(archive) in msg and "sha256=" in msg and "--sha256" in msg
+    assert "54601e95" in msg and _sha(archive) in msg and "sha256=" in msg and "--accept-sha256" in msg
+    assert "SELORA_MONTGOMERY_SHA256=" in msg
     assert not any(tmp_path.iterdir()), "the bad download must be deleted"
 
 
@@ -383,12 +398,15 @@ def test_unsafe_zip_entries_refused(tmp_path, name, symlink, why):
     assert not (out / "MontgomerySet").exists() and not (tmp_path / "evil.txt").exists()
 
 
-def test_local_zip_source_with_and_without_checksum(phantom, tmp_path):
+def test_local_zip_source_checked_against_pinned_or_accepted_checksum(phantom, tmp_path):
     archive = phantom / "NLM-MontgomeryCXRSet.zip"
     with pytest.raises(DataError, match="sha256 mismatch"):
         download_montgomery(tmp_path / "a", source=archive, sha256="0" * 64)
+    with pytest.raises(DataError, match="sha256 mismatch, expected 54601e95"):
+        download_montgomery(tmp_path / "a", source=archive)  # no silent pass without a checksum
     assert archive.is_file(), "a user's local zip is never deleted"
-    assert len(scan(download_montgomery(tmp_path / "b", source=archive).parent)) == 30
+    with pytest.warns(UserWarning, match="not the pinned"):
+        assert len(scan(download_montgomery(tmp_path / "b", source=archive, sha256=_sha(archive)).parent)) == 30
 
 
 # ---- CLI and the profile helper ----------------------------------------------------------------
@@ -403,9 +421,10 @@ def test_cli_summary(phantom, capsys):
 
 def test_cli_from_zip_and_errors(phantom, tmp_path, capsys):
     archive = phantom / "NLM-MontgomeryCXRSet.zip"
-    assert main(["--root", str(tmp_path / "r"), "--from-zip", str(archive), "--sha256", _sha(archive)]) == 0
+    with pytest.warns(UserWarning, match="not the pinned"):
+        assert main(["--root", str(tmp_path / "r"), "--from-zip", str(archive), "--accept-sha256", _sha(archive)]) == 0
     assert "cases: 30" in capsys.readouterr().out
-    assert main(["--root", str(tmp_path / "s"), "--from-zip", str(archive), "--sha256", "ab" * 32]) == 2
+    assert main(["--root", str(tmp_path / "s"), "--from-zip", str(archive), "--accept-sha256", "ab" * 32]) == 2
     err = capsys.readouterr().err
     assert "sha256 mismatch" in err and len(err.strip().splitlines()) == 1
     wrong_root = str(tmp_path / "r" / "MontgomerySet")

@@ -1,21 +1,30 @@
 """Reading radiographs (8-bit or 12-bit-in-16-bit PNG) and the paper's resize/centre-crop.
 
-Every decoding problem becomes a one-line :class:`DataError` naming the file.
+Every decoding problem becomes a one-line :class:`DataError` naming the file;
+:func:`png_problem` checks one file strictly (structure, CRCs, full decode) for the data check.
 """
 
 from __future__ import annotations
 
+import struct
+import sys
 import warnings
+import zlib
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from selora.data.archive import describe_start
 from selora.data.errors import DataError
 
 TWELVE_BIT_MAX = 4095
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def read_gray(path: Path) -> tuple[np.ndarray, int]:
@@ -71,3 +80,67 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     """Decode ``path`` and return the model input, shape (1, size, size), values in [-1, 1]."""
     arr, _ = read_gray(path)
     return resize_center_crop(torch.from_numpy(arr), size)
+
+
+def png_structure_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete PNG file (``None`` if it is), without decoding the pixels.
+
+    Checks the signature (other content is named: ``"a JPEG image, not a PNG"``), then walks the
+    chunks: each must fit in the file and match its CRC, the first must be IHDR and the file
+    must reach IEND. A file cut short after its pixel data (no IEND) decodes, but is incomplete.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(len(PNG_SIGNATURE))
+        if head != PNG_SIGNATURE:
+            return f"{describe_start(head + fh.read(1024))}, not a PNG"
+        offset, first = len(PNG_SIGNATURE), True
+        while True:
+            header = fh.read(8)
+            if len(header) < 8:
+                return f"truncated: the file ends at byte {offset + len(header):,} without the IEND chunk"
+            length, kind = struct.unpack(">I4s", header)
+            name = kind.decode("latin-1")
+            if first and kind != b"IHDR":
+                return f"damaged: the first chunk is {name!r}, expected IHDR"
+            if offset + 12 + length > size:  # checked before reading: a damaged length could be 4 GB
+                return f"truncated inside the {name} chunk at byte {offset:,} (the file ends at byte {size:,})"
+            body = fh.read(length + 4)
+            if zlib.crc32(kind + body[:length]) != struct.unpack(">I", body[length:])[0]:
+                return f"damaged: CRC mismatch in the {name} chunk at byte {offset:,}"
+            if kind == b"IEND":
+                return None
+            offset += 12 + length
+            first = False
+
+
+def _problem_and_bits(path: Path) -> tuple[str | None, int | None]:
+    problem = png_structure_problem(path)
+    if problem is not None:
+        return problem, None
+    try:
+        return None, read_gray(path)[1]
+    except DataError as err:
+        return str(err).removeprefix(f"{path}: "), None
+
+
+def png_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a radiograph (``None`` if it can): :func:`png_structure_problem`,
+    then a full decode with :func:`read_gray`. The reason does not repeat the path."""
+    return _problem_and_bits(path)[0]
+
+
+def check_images(paths: Sequence[Path], progress: bool = True) -> tuple[list[tuple[Path, str]], Counter]:
+    """Decode every file of ``paths`` in a progress bar (stderr); return (bad files with the reason, bit depths).
+
+    A file is bad when :func:`png_problem` finds a reason: not a PNG (its content is named),
+    truncated, a CRC mismatch, or it does not decode as a grayscale radiograph.
+    """
+    bad, bits = [], Counter()
+    for path in tqdm(paths, desc="decoding images", unit="image", disable=not progress, file=sys.stderr):
+        problem, depth = _problem_and_bits(path)
+        if problem is None:
+            bits[depth] += 1
+        else:
+            bad.append((path, problem))
+    return bad, bits

@@ -157,8 +157,8 @@ class AdaLoRAAdapters(Adapters):
     def regulariser(self) -> torch.Tensor:
         return self.orth_reg_weight * orthogonal_regulariser(self.model)
 
-    def after_step(self, step: int) -> RankChange | None:
-        """``update_and_allocate(step)`` (needs this step's gradients); the layers it pruned."""
+    def after_step(self, step: int, grad_scale: float = 1.0) -> RankChange | None:
+        """``update_and_allocate(step)`` (needs this step's gradients, already unscaled); the layers it pruned."""
         before = self.ranks()
         self.tuner.update_and_allocate(step)
         now = self.ranks()

@@ -4,8 +4,10 @@ One training step, as the trainer drives it::
 
     adapters.before_forward(step)                   # DyLoRA: draw this step's truncation b
     loss = diffusion_loss + adapters.regulariser()  # AdaLoRA: orth_reg_weight * R(A, B); else 0
-    loss.backward(); optimizer.step()
-    change = adapters.after_step(step)              # SeLoRA: expansion test; AdaLoRA: update_and_allocate
+    scaler.scale(loss).backward(); scaler.unscale_(optimizer)
+    if not finite: optimizer.zero_grad(); adapters.on_skip()   # SeLoRA: drop this pass's Fisher capture
+    scale = scaler.get_scale(); scaler.step(optimizer); scaler.update()
+    change = adapters.after_step(step, grad_scale=scale)  # SeLoRA: expansion test; AdaLoRA: update_and_allocate
     optimizer.zero_grad()
 
 A method is a subclass of :class:`Adapters` registered in :data:`selora.methods.METHODS`. The base
@@ -137,9 +139,17 @@ class Adapters:
         """The method's term added to the training loss (0-d tensor)."""
         return torch.zeros(())
 
-    def after_step(self, step: int) -> RankChange | None:
-        """After ``optimizer.step()``, before ``zero_grad``: a :class:`RankChange` if ranks changed."""
+    def after_step(self, step: int, grad_scale: float = 1.0) -> RankChange | None:
+        """After ``optimizer.step()``, before ``zero_grad``: a :class:`RankChange` if ranks changed.
+
+        ``grad_scale``: the loss scale of this step's backward (a ``GradScaler``'s; 1 without one).
+        The parameters' ``.grad`` are already unscaled; what backward hooks saw is not.
+        """
         return None
+
+    def on_skip(self) -> None:
+        """The step was skipped after its forward (non-finite loss or gradient, fp16 overflow):
+        drop anything captured from it; the next forward/backward is the same step again."""
 
     def train_record(self, regulariser: torch.Tensor) -> dict[str, Any]:
         """Extra fields of the step's training record."""

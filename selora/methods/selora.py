@@ -61,14 +61,20 @@ class SeLoRAAdapters(Adapters):
             reduce=reduce,
         )
 
-    def after_step(self, step: int) -> RankChange | None:
-        """The controller's step: on a test step, the ranks, the layers that grew and every ratio."""
-        decisions = self.controller.step()
+    def after_step(self, step: int, grad_scale: float = 1.0) -> RankChange | None:
+        """The controller's step: on a test step, the ranks, the layers that grew and every ratio
+        (Fisher statistics of the unscaled loss: divided by ``grad_scale ** 2``)."""
+        decisions = self.controller.step(grad_scale=grad_scale)
         if not decisions:
             return None
         grown = [d.name for d in decisions if d.expanded]
         record = {"ranks": self.ranks(), "expanded": grown, "ratios": {d.name: d.ratio for d in decisions}}
         return RankChange(record, new_parameters=bool(grown))
+
+    def on_skip(self) -> None:
+        """A skipped step: the controller drops its captures; the test (same K) comes with the next pass."""
+        if self.controller is not None:
+            self.controller.discard()
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict()}

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from selora.diffusion import add_noise, loss_target, noise_scheduler, per_sample_errors, tokenize
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
@@ -137,27 +139,23 @@ def noise_prediction_errors(
     calls with the same images and seed but different prompts are compared on identical noise.
     Latents are the VAE posterior means scaled by ``vae.config.scaling_factor``.
     """
-    from diffusers import DDPMScheduler
-
     if len(prompts) != images.shape[0]:
         raise ValueError(f"prompts: expected {images.shape[0]} (one per image), got {len(prompts)}")
     unet, vae, tok = pipe.unet, pipe.vae, pipe.tokenizer
     dev, dtype = unet.device, unet.dtype
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = noise_scheduler(pipe)
     x = images.to(dev, dtype).expand(-1, vae.config.in_channels, -1, -1)
     z0 = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(batch)]).float().cpu()
     z0 = z0 * float(vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((draws, *z0.shape), generator=gen)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (draws, z0.shape[0]), generator=gen)
-    ids = tok(
-        list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    ids = tokenize(tok, prompts)
     errors = torch.empty(z0.shape[0], draws, dtype=torch.float64)
     for idx in torch.arange(z0.shape[0]).split(batch):
         emb = pipe.text_encoder(ids[idx].to(dev))[0]
         for d in range(draws):
-            noisy = scheduler.add_noise(z0[idx], noise[d, idx], steps[d, idx])  # DDPM forward process
-            pred = unet(noisy.to(dev, dtype), steps[d, idx].to(dev), emb).sample
-            errors[idx, d] = (pred.float().cpu() - noise[d, idx]).pow(2).flatten(1).mean(1).double()
+            z0_i, noise_i, t_i = z0[idx], noise[d, idx], steps[d, idx]
+            pred = unet(add_noise(scheduler, z0_i, noise_i, t_i).to(dev, dtype), t_i.to(dev), emb).sample
+            errors[idx, d] = per_sample_errors(pred, loss_target(scheduler, z0_i, noise_i, t_i)).double()
     return errors
