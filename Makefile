@@ -10,11 +10,16 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export SELORA_PROFILE ?= offline
 export PYTHONHASHSEED := 0
-# Chapters are committed executed with one torch thread; run them the same way so float
-# reductions (and the controller decisions they feed) match the stored outputs.
+# Chapters are committed executed with one torch thread; run them the same way. float32 results
+# still differ from one CPU to another (torch, oneDNN, MKL and numpy pick kernels by instruction
+# set), so no check may need another machine's floats bit for bit: `make test-kernels` runs the
+# chapters again on this machine's plainest (SSE4.1) kernels, as an older x86-64 CPU would.
 export SELORA_THREADS ?= 1
+# the kernel selection of an SSE4.1-only x86-64 CPU, for `make test-kernels`
+PLAIN_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR" SELORA_CACHE=$(CURDIR)/.cache/plain-kernels
 
-.PHONY: install data lint test test-unit test-book book check-book execute bench regression-reference clean
+.PHONY: install data lint test test-kernels test-unit test-book book check-book execute bench regression-reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +47,11 @@ test-unit: $(STAMP) data
 
 test-book: $(STAMP) data
 	$(PY) -m pytest --nbval-lax book/ -q
+
+## make test-kernels: every chapter and the regression runs on SSE4.1-level kernels (checks must not need this CPU's floats)
+test-kernels: $(STAMP)
+	$(PLAIN_KERNELS) $(PY) -m pytest tests/test_regression.py -q
+	$(PLAIN_KERNELS) $(PY) -m pytest --nbval-lax book/ -q
 
 ## make book: render the committed chapters (outputs as committed, nothing executed) to _build/html;
 ## chapters are executed by `make execute` (to commit them) and by `make test-book` (nbval)
