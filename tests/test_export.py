@@ -191,12 +191,12 @@ def trained(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- stock loaders, no selora
-STOCK = textwrap.dedent(
-    r'''
+#: The start of every stock-library script: `import selora` fails there (exports must not need it).
+BLOCK_SELORA = textwrap.dedent(
+    """
     import sys
 
     class BlockSelora:
-        """Make `import selora` fail: the export must be usable without this package."""
         def find_spec(self, name, path=None, target=None):
             if name == "selora" or name.startswith("selora."):
                 raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
@@ -204,6 +204,11 @@ STOCK = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockSelora())
     sys.path = [p for p in sys.path if p not in ("", ".")]
+    """
+)
+
+STOCK = BLOCK_SELORA + textwrap.dedent(
+    r"""
     try:
         import selora  # noqa: F401
         raise SystemExit("selora is importable in the stock process")
@@ -253,7 +258,7 @@ STOCK = textwrap.dedent(
     leaked = sorted(m for m in sys.modules if m == "selora" or m.startswith("selora."))
     assert not leaked, f"selora modules were imported: {leaked}"
     save_file({k: v.contiguous() for k, v in out.items()}, result)
-    '''
+    """
 ).replace("PROMPTS", repr(PROMPTS))
 
 
@@ -564,19 +569,9 @@ def test_half_precision_export_stores_fp16_and_loads_into_the_base_dtype(trained
 
 
 # ----------------------------------------------------------------------------- kohya / A1111 / ComfyUI file
-KOHYA_STOCK = textwrap.dedent(
+KOHYA_STOCK = BLOCK_SELORA + textwrap.dedent(
     r"""
     import json
-    import sys
-
-    class BlockSelora:
-        def find_spec(self, name, path=None, target=None):
-            if name == "selora" or name.startswith("selora."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
-            return None
-
-    sys.meta_path.insert(0, BlockSelora())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
 
     import torch
     from diffusers import StableDiffusionPipeline
