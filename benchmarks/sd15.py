@@ -59,6 +59,8 @@ from selora.paths import ASSETS_DIR
 from selora.pipeline import DiffusionModel, cast_trainable
 
 HERE = Path(__file__).resolve().parent
+#: Where the committed results live: package data, so the appendix reads them in an installed package too.
+RESULTS_DIR = HERE.parent / "selora" / "assets" / "benchmarks"
 LATENT = 28  # 224 px / 8 (VAE factor)
 TOKENS = 77
 LORA_RANK = 4
@@ -651,7 +653,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="memory-measuring processes run at once, after the timing one (default 1, quick 4)",
     )
-    ap.add_argument("--out-dir", type=Path, default=HERE, help="where results.json and results.md go")
+    ap.add_argument(
+        "--out-dir", type=Path, default=RESULTS_DIR, help="where results.json and results.md go (default: package data)"
+    )
     ap.add_argument(
         "--reanalyse",
         type=Path,

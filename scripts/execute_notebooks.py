@@ -47,12 +47,19 @@ def scrub_outputs(nb: nbformat.NotebookNode) -> None:
                     out["data"][key] = scrub(value if isinstance(value, str) else "".join(value))
 
 
-def execute(path: Path, timeout: int = 900) -> float:
-    """Run ``path`` in place; return seconds taken."""
+#: Seconds a cell may take: the offline chapters' longest cell is a few minutes; the paper profile's
+#: training cells run for hours on a GPU, so they get no limit.
+CELL_TIMEOUT = {"offline": 900, "paper": None}
+
+
+def execute(path: Path, timeout: int | None = None) -> float:
+    """Run ``path`` in place (cell timeout: ``timeout`` or the profile's :data:`CELL_TIMEOUT`); return seconds."""
     sync(path)
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("SELORA_PROFILE", "offline")
     os.environ.setdefault("SELORA_THREADS", "1")  # as `make test` runs them (see Makefile)
+    if timeout is None:
+        timeout = CELL_TIMEOUT[os.environ["SELORA_PROFILE"]]
     start = time.perf_counter()
     NotebookClient(
         nb,

@@ -22,7 +22,11 @@ import os, subprocess, sys
 
 if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "selora[book] @ git+{url}@{branch}"], check=True)
+                    "selora[colab] @ git+{url}@{branch}"], check=True)
+    # Runs, downloads and latents live in SELORA_CACHE. A Colab runtime forgets its disk: to keep
+    # them (and resume Table 1) across sessions, uncomment the next two lines (Google Drive).
+    # from google.colab import drive; drive.mount("/content/drive")
+    # os.environ["SELORA_CACHE"] = "/content/drive/MyDrive/selora-cache"
 
 import selora
 

@@ -15,6 +15,7 @@ model outputs: ``(N, 1, H, W)`` (or ``(N, 3, H, W)``) floats in [-1, 1].
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selora.distributed import default_device
 from selora.profile import profile as active_profile
 from selora.profile import require_online
 from selora.proxies import alignment_proxy, check_images, fid_proxy
@@ -86,9 +88,10 @@ def inception_fid(real: Tensor, fake: Tensor, feature: int | nn.Module = 2048, b
     if isinstance(feature, int):
         require_online("the Inception-v3 weights for FID")
     fid = FrechetInceptionDistance(feature=feature, normalize=True, input_img_size=(3, INCEPTION_SIZE, INCEPTION_SIZE))
+    fid = fid.to(default_device())  # Inception on the GPU when there is one
     for flag, images in ((True, real), (False, fake)):
         for chunk in check_images("real" if flag else "fake", images).split(batch_size):
-            fid.update(to_unit_rgb(chunk, INCEPTION_SIZE), real=flag)
+            fid.update(to_unit_rgb(chunk, INCEPTION_SIZE).to(fid.device), real=flag)
     return float(fid.compute())
 
 
@@ -110,11 +113,14 @@ def truncate_prompts(
     return out
 
 
+@lru_cache(maxsize=1)
 def _load_clip() -> tuple[nn.Module, object]:
+    """CLIP ViT-L/14 and its processor, loaded once per process, on the GPU when there is one."""
     from transformers import CLIPModel, CLIPProcessor
 
     require_online(f"the CLIP weights ({CLIP_MODEL_ID}) for the CLIP score")
-    return CLIPModel.from_pretrained(CLIP_MODEL_ID).eval(), CLIPProcessor.from_pretrained(CLIP_MODEL_ID)
+    model = CLIPModel.from_pretrained(CLIP_MODEL_ID).eval().to(default_device())
+    return model, CLIPProcessor.from_pretrained(CLIP_MODEL_ID)
 
 
 def _embedding(out: Tensor | object) -> Tensor:

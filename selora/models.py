@@ -78,6 +78,7 @@ def load_pipeline(
         source,
         local_files_only=local,
         safety_checker=None,
+        feature_extractor=None,  # only the safety checker uses it; a snapshot may lack its folder
         requires_safety_checker=False,
         **{dtype_keyword(): dtype},
     )

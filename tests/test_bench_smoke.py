@@ -89,7 +89,7 @@ def test_quick_run_writes_complete_results(tmp_path: Path) -> None:
 
 
 def test_committed_results_have_the_schema() -> None:
-    res = json.loads((ROOT / "benchmarks" / "results.json").read_text())
+    res = json.loads((ROOT / "selora" / "assets" / "benchmarks" / "results.json").read_text())
     assert res["quick"] is False, "the committed results must come from the full SD v1.5 run"
     check_schema(res)
 

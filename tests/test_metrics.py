@@ -217,3 +217,27 @@ def test_evaluate_labels_offline_numbers_as_proxy():
     assert not any("proxy" in metrics.LABELS[k] for k in ("fid", "clip_score"))
     with pytest.raises(ValueError, match="profile='gpu'"):
         metrics.evaluate(torch.zeros(2, 1, 8, 8), ["a", "b"], torch.zeros(2, 1, 8, 8), profile="gpu")
+
+
+def test_clip_is_loaded_once_per_process(monkeypatch):
+    """The CLIP score's model is loaded once (it was reloaded on every call: ~1 min per evaluation)."""
+    import transformers
+
+    from selora import metrics
+
+    loads = []
+
+    class Loaded(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            loads.append(name)
+
+    monkeypatch.setenv("SELORA_PROFILE", "paper")
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", classmethod(lambda cls, name: Loaded(name)))
+    monkeypatch.setattr(transformers.CLIPProcessor, "from_pretrained", classmethod(lambda cls, name: object()))
+    metrics._load_clip.cache_clear()
+    try:
+        first, second = metrics._load_clip(), metrics._load_clip()
+    finally:
+        metrics._load_clip.cache_clear()
+    assert first is second and loads == [metrics.CLIP_MODEL_ID]
