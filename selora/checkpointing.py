@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -42,9 +42,6 @@ from selora.checkpoint import (
 from selora.config import ConfigError
 from selora.io import atomic_save_safetensors
 
-if TYPE_CHECKING:
-    from selora.trainer import Trainer
-
 
 @dataclass
 class Progress:
@@ -59,9 +56,12 @@ class Progress:
 
 
 class Checkpointer:
-    """Checkpoints of a :class:`~selora.trainer.Trainer` (main process writes, every process reads)."""
+    """Checkpoints of a :class:`~selora.trainer.Trainer` (main process writes, every process reads).
 
-    def __init__(self, trainer: Trainer) -> None:
+    ``trainer`` is typed ``Any``: the trainer imports this module, so this one does not import it.
+    """
+
+    def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
 
     def save(self) -> None:

@@ -8,18 +8,15 @@ computed when the grid shows held-out prompts (real images known) and has at lea
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from selora.config import TrainConfig
 from selora.diffusion import add_noise, loss_target, per_sample_errors
 from selora.profile import profile
 from selora.rundir import SAMPLES
 from selora.sample import generate, image_grid, to_pil
-
-if TYPE_CHECKING:
-    from selora.config import TrainConfig
-    from selora.trainer import Trainer
 
 MetricFn = Callable[[list, list[str], torch.Tensor], float]
 
@@ -44,9 +41,12 @@ def default_metrics(cfg: TrainConfig | None = None) -> dict[str, MetricFn]:
 
 
 class Evaluator:
-    """Evaluates a :class:`~selora.trainer.Trainer`'s model on its held-out split (``trainer.eval``)."""
+    """Evaluates a :class:`~selora.trainer.Trainer`'s model on its held-out split (``trainer.eval``).
 
-    def __init__(self, trainer: Trainer, metrics: Mapping[str, MetricFn] | None = None) -> None:
+    ``trainer`` is typed ``Any``: the trainer imports this module, so this one does not import it.
+    """
+
+    def __init__(self, trainer: Any, metrics: Mapping[str, MetricFn] | None = None) -> None:
         self.trainer = trainer
         self.metrics = dict(default_metrics(trainer.cfg) if metrics is None else metrics)
 

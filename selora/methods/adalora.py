@@ -19,7 +19,7 @@ the package's LoRA (``scaling = scale``), so the methods start from the same foo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from peft import AdaLoraConfig
@@ -27,10 +27,7 @@ from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
 from selora.inject import replace_modules
-from selora.methods.base import Adapters, Factors, RankChange, Targets, resolve_targets
-
-if TYPE_CHECKING:
-    from selora.config import TrainConfig
+from selora.methods.base import Adapters, Factors, MethodConfig, RankChange, Targets, resolve_targets
 
 ADAPTER = "default"
 
@@ -120,7 +117,7 @@ class AdaLoRAAdapters(Adapters):
         self.tuner, self.orth_reg_weight = tuner, orth_reg_weight
 
     @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
+    def check_config(cls, cfg: MethodConfig) -> None:
         if cfg.lora_rank > INIT_RANK:
             raise ValueError(
                 f"key 'lora_rank': AdaLoRA prunes from rank {INIT_RANK} down to lora_rank; "

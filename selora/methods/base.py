@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import Any, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
@@ -27,8 +27,19 @@ from torch import nn
 from selora.inject import inject, replace_modules, select_linear
 from selora.layers import LoRALinear, lora_layers
 
-if TYPE_CHECKING:
-    from selora.config import TrainConfig
+
+class MethodConfig(Protocol):
+    """The training-config fields a method reads (:class:`selora.config.TrainConfig` has them all;
+    the config imports the method registry, so the methods name only this shape)."""
+
+    start_rank: int
+    lora_rank: int
+    lora_scale: float
+    threshold: float
+    interval: int
+    max_rank: int | None
+    seed: int
+
 
 #: A preset, a list of names/regexes (see :func:`selora.inject`), or ``{submodule: those}`` to give
 #: parts of one model their own targets, e.g. ``{"unet": "paper-unet", "text_encoder": "paper-text-encoder"}``.
@@ -94,12 +105,12 @@ class Adapters:
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
-    def check_config(cls, cfg: TrainConfig) -> None:
+    def check_config(cls, cfg: MethodConfig) -> None:
         """ValueError (naming the key) for settings of ``cfg`` this method cannot train with."""
 
     @classmethod
     def from_config(
-        cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int, generator: torch.Generator
+        cls, model: nn.Module, targets: Targets, cfg: MethodConfig, total_steps: int, generator: torch.Generator
     ) -> Adapters:
         """Adapt ``model`` in place as ``cfg`` says (rank from :attr:`rank_field`, scale ``lora_scale``)."""
         return cls.build(

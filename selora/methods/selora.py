@@ -6,17 +6,14 @@ Eq. 3-5 comes from the training step's own backward."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from selora.expansion import ExpansionController
 from selora.layers import SeLoRALinear
-from selora.methods.base import Adapters, RankChange, Reduce, Targets
-
-if TYPE_CHECKING:
-    from selora.config import TrainConfig
+from selora.methods.base import Adapters, MethodConfig, RankChange, Reduce, Targets
 
 
 class SeLoRAAdapters(Adapters):
@@ -42,7 +39,7 @@ class SeLoRAAdapters(Adapters):
 
     @classmethod
     def from_config(
-        cls, model: nn.Module, targets: Targets, cfg: TrainConfig, total_steps: int, generator: torch.Generator
+        cls, model: nn.Module, targets: Targets, cfg: MethodConfig, total_steps: int, generator: torch.Generator
     ) -> SeLoRAAdapters:
         adapters = cls.build(model, targets, rank=cfg.start_rank, scale=cfg.lora_scale, generator=generator)
         adapters.threshold, adapters.interval = cfg.threshold, cfg.interval
