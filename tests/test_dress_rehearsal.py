@@ -23,6 +23,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_export import BLOCK_SELORA
+from test_metrics import make_tiny_clip
 from torch import nn
 
 from selora import metrics
@@ -34,18 +36,8 @@ RES = 32  # training / sampling resolution: a 4 x 4 latent through SD's 4-block 
 TEXT_WIDTH = 48
 
 #: A stock-library process: ``import selora`` fails there (the export must not need it).
-STOCK = textwrap.dedent(
+STOCK = BLOCK_SELORA + textwrap.dedent(
     r"""
-    import sys
-
-    class BlockSelora:
-        def find_spec(self, name, path=None, target=None):
-            if name == "selora" or name.startswith("selora."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)")
-            return None
-
-    sys.meta_path.insert(0, BlockSelora())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
     try:
         import selora  # noqa: F401
         raise SystemExit("selora is importable in the stock process")
@@ -96,37 +88,6 @@ class StandInInception(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1:] == (3, metrics.INCEPTION_SIZE, metrics.INCEPTION_SIZE) and x.dtype == torch.float32
         return self.net(x)
-
-
-def tiny_clip(tokenizer):
-    """A random CLIP built from a config (no download), SD's tokenizer, CLIP's image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "projection_dim": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 224,
-            "patch_size": 32,
-            "projection_dim": 16,
-        },
-        projection_dim=16,
-    )
-    model = CLIPModel(cfg).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
-    return lambda: (model, processor)
 
 
 @pytest.fixture
@@ -287,7 +248,7 @@ def test_paper_path_dress_rehearsal(paper_env, capsys):
     reals = sorted((data / "MontgomerySet" / "CXR_png").glob("*.png"))[:6]
     real = metrics.images_from_pil([Image.open(p).convert("L").resize((RES, RES), Image.BILINEAR) for p in reals])
     fid = metrics.inception_fid(real, fake, feature=StandInInception())
-    score = metrics.clip_score(fake, prompts, model_and_processor=tiny_clip(pipe.tokenizer))
+    score = metrics.clip_score(fake, prompts, model_and_processor=make_tiny_clip(pipe.tokenizer))
     assert np.isfinite(fid) and fid >= 0 and np.isfinite(score) and score >= 0, (fid, score)
     assert metrics.inception_fid(real, real, feature=StandInInception()) == pytest.approx(0.0, abs=1e-3)
 

@@ -140,9 +140,8 @@ def test_standard_inception_refuses_to_download_offline(monkeypatch):
         metrics.clip_score(torch.zeros(1, 1, 8, 8), ["a"])
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    """A random CLIP built from a config (no download) with SD v1.5's tokenizer and CLIP's image processor."""
+def make_tiny_clip(tokenizer):
+    """A random CLIP built from a config (no download) with ``tokenizer`` and CLIP's image processor."""
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config={
@@ -166,8 +165,14 @@ def tiny_clip():
         projection_dim=16,
     )
     model = CLIPModel(cfg).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=load_clip_tokenizer("offline"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
     return lambda: (model, processor)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    """:func:`make_tiny_clip` with SD v1.5's tokenizer."""
+    return make_tiny_clip(load_clip_tokenizer("offline"))
 
 
 def test_clip_score_path_with_a_tiny_random_clip(tiny_clip):
