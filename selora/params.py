@@ -15,10 +15,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from selora.inject import select_linear
 from selora.layers import lora_layers
 from selora.pipeline import COMPONENTS
 
-__all__ = ["ADAPTER_KEYS", "ParameterCount", "adapter_counts", "count_parameters", "per_component", "trainable_counts"]
+__all__ = [
+    "ADAPTER_KEYS",
+    "ParameterCount",
+    "adapter_counts",
+    "count_parameters",
+    "lora_count",
+    "per_component",
+    "trainable_counts",
+]
 
 #: Adapter parameters by name fragment (PEFT AdaLoRA's ``ranknum`` is a frozen bookkeeping scalar).
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_E", "ranknum")
@@ -54,6 +63,13 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         elif not any(key in name for key in ADAPTER_KEYS):
             base += p.numel()
     return ParameterCount(trainable, base)
+
+
+def lora_count(model: nn.Module, targets: str | Sequence[str], rank: int = 4) -> int:
+    """Parameters of rank-``rank`` LoRA on the ``nn.Linear`` layers ``targets`` selects in ``model``:
+    sum of r (d_in + d_out). Needs only the layers' shapes, so ``model`` may live on the meta device
+    (e.g. SD v1.5 at full widths, built in seconds without memory)."""
+    return sum(rank * (m.in_features + m.out_features) for m in select_linear(model, targets).values())
 
 
 def per_component(sizes: Iterable[tuple[str, int]], components: Sequence[str] = COMPONENTS) -> dict[str, int]:

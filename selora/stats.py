@@ -1,5 +1,6 @@
 """The statistics of the chapters and of ``python -m selora.evaluate``: means with their spread,
-Welch's two-sample t test (with its p-value and critical value), Spearman's rank correlation.
+Welch's two-sample t test (with its p-value and critical value), its equivalence form (two one-sided
+tests against a margin fixed in advance), Spearman's rank correlation.
 
 Hand-written on purpose (NumPy and ``math`` only): scipy is a test dependency, and the tests
 compare every function here with ``scipy.stats``. The Student-t distribution is computed from the
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "Equivalence",
     "WelchTest",
     "mean_and_se",
     "mean_std",
@@ -26,6 +28,7 @@ __all__ = [
     "student_t_cdf",
     "student_t_quantile",
     "welch_df",
+    "welch_equivalence",
     "welch_interval",
     "welch_t",
     "welch_test",
@@ -128,6 +131,40 @@ def welch_interval(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) 
     diff = float(a.mean() - b.mean())
     half = student_t_quantile(1 - alpha / 2, welch_df(a, b)) * float(_welch_se(a, b, "welch_interval"))
     return diff - half, diff + half
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Welch's two one-sided tests (TOST) of ``|mean(a) - mean(b)| < margin`` (:func:`welch_equivalence`).
+
+    ``p``: the larger of the two one-sided p-values (equivalence is shown at level alpha when
+    ``p < alpha``); ``interval``: the ``1 - 2 alpha`` Welch interval of mean(a) - mean(b), inside
+    ``(-margin, margin)`` exactly when ``p < alpha``; ``equivalent``: ``p < alpha``.
+    """
+
+    p: float
+    interval: tuple[float, float]
+    margin: float
+    equivalent: bool
+
+
+def welch_equivalence(a: Sequence[float], b: Sequence[float], margin: float, alpha: float = 0.05) -> Equivalence:
+    """Is the difference of means smaller than ``margin`` (> 0, chosen BEFORE looking at the data)?
+
+    Two one-sided Welch tests, H0: diff <= -margin and H0: diff >= +margin; both rejected at ``alpha``
+    means the means are equivalent within ``margin``. Samples ``(n_a,)``, ``(n_b,)``. A "no difference"
+    claim needs this, not a non-significant t: with few seeds a t test fails to reject almost anything.
+    """
+    _check_alpha(alpha)
+    if not (math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin={margin}: expected a finite difference > 0")
+    a_arr, b_arr = _groups(a, b, "welch_equivalence")
+    diff, se = float(a_arr.mean() - b_arr.mean()), float(_welch_se(a_arr, b_arr, "welch_equivalence"))
+    df = welch_df(a, b)
+    p_low = 1.0 - student_t_cdf((diff + margin) / se, df)  # H0: diff <= -margin
+    p_high = student_t_cdf((diff - margin) / se, df)  # H0: diff >= margin
+    p = max(p_low, p_high)
+    return Equivalence(p=p, interval=welch_interval(a, b, 2 * alpha), margin=float(margin), equivalent=p < alpha)
 
 
 # -- the Student-t distribution -------------------------------------------------------------------

@@ -78,7 +78,12 @@ def check_frozen_and_flowing(model, layers, out):
 @pytest.mark.parametrize("preset", ["all-linear", "paper-unet", "authors-unet"])
 def test_unet_presets(preset):
     unet = tiny_unet()
-    expected = authors_expected(unet) if preset == "authors-unet" else n_linear(unet)
+    attention = [n for n, m in unet.named_modules() if isinstance(m, Attention)]
+    expected = {
+        "all-linear": n_linear(unet),
+        "paper-unet": 4 * len(attention),  # q/k/v/out of every self- and cross-attention
+        "authors-unet": authors_expected(unet),
+    }[preset]
     before = unet_forward(unet).detach()
     layers = selora.inject(unet, preset)
     assert len(layers) == expected and expected > 0
@@ -90,6 +95,9 @@ def test_unet_presets(preset):
     if preset == "authors-unet":
         suffixes = ("to_q", "to_k", "to_v", "ff.net.0.proj", "time_emb_proj")
         assert all(name.endswith(suffixes) for name in layers)
+    elif preset == "paper-unet":
+        suffixes = [f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+        assert {next(s for s in suffixes if name.endswith(s)) for name in layers} == set(suffixes)
     else:
         assert any(name.endswith("attn2.to_k") for name in layers) and "time_embedding.linear_1" in layers
         bases = {id(m.base) for m in layers.values()}
@@ -104,8 +112,8 @@ def test_clip_text_encoder_preset():
     ids = torch.tensor([[0, 5, 9, 1], [0, 7, 1, 1]])
     before = clip(input_ids=ids).last_hidden_state.detach()
     layers = selora.inject(clip, "paper-text-encoder", kind="lora", rank=4, scale=2.0)
-    assert len(layers) == 4 * n_attn + 2 * n_mlp
-    assert {name.rsplit(".", 1)[-1] for name in layers} == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    assert len(layers) == 3 * n_attn
+    assert {name.rsplit(".", 1)[-1] for name in layers} == {"q_proj", "k_proj", "v_proj"}
     assert all(type(m) is selora.LoRALinear and m.rank == 4 and m.scaling == 2.0 for m in layers.values())
     out = clip(input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from diffusers.models.attention import GEGLU
 
 import selora.models
 from selora.config import load_config
-from selora.models import MINI_SD_DIR, load_pipeline
+from selora.models import FP16_VARIANT_FILE, MINI_SD_DIR, SD15_MODEL_ID, load_pipeline, weights_variant
 from selora.tokenizer import clip_vocab_and_merges
 
 OFFLINE_RESOLUTION = load_config("montgomery-offline").resolution  # what the mini SD is trained and sampled at
@@ -206,3 +207,24 @@ def test_build_script_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         build.main(["--out", str(tmp_path / "file")])
     assert err.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_half_precision_load_reads_the_fp16_variant_files(tmp_path):
+    """The hub's SD v1.5 ships fp16 weight files (half the download): a float16/bfloat16 load asks for
+    them; a local folder is read from them when it has them, and float32 never is."""
+    assert weights_variant(SD15_MODEL_ID, False, torch.float16) == "fp16"
+    assert weights_variant(SD15_MODEL_ID, False, torch.bfloat16) == "fp16"
+    assert weights_variant(SD15_MODEL_ID, False, torch.float32) is None
+    folder = tmp_path / "with-variant"
+    shutil.copytree(MINI_SD_DIR, folder)
+    assert weights_variant(str(folder), True, torch.float16) is None  # no fp16 files yet
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.zero_()  # mark the variant's weights
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16", safe_serialization=True)
+    assert (folder / FP16_VARIANT_FILE).is_file()
+    for dtype in (torch.float16, torch.bfloat16):
+        half = load_pipeline(str(folder), dtype=dtype, device="cpu")
+        assert half.unet.dtype == dtype and half.unet.conv_in.weight.abs().sum() == 0, f"{dtype}: not the variant"
+    full = load_pipeline(str(folder), dtype=torch.float32, device="cpu")
+    assert full.unet.dtype == torch.float32 and full.unet.conv_in.weight.abs().sum() > 0, "float32 read the variant"
