@@ -1,4 +1,4 @@
-"""Open the rendered book in headless Chromium and check every page as a reader would see it.
+r"""Open the rendered book in headless Chromium and check every page as a reader would see it.
 
     python scripts/check_rendered_book.py [--html _build/html] [--toc _toc.yml]
                                           [--screenshots _build/screenshots] [--chromium PATH]
@@ -7,8 +7,19 @@ Serves the HTML folder from a local http.server on 127.0.0.1 (a free port), visi
 listed in the table of contents and fails on: a missing page, a rendered cell error output, a broken
 same-site link or anchor, an image that did not load, a same-site resource that failed (HTTP >= 400),
 console errors and uncaught page errors. Requests to other hosts are blocked (the verdict must not
-depend on the network), so fonts/CDN/launch-button targets never count. A full-page screenshot of
-every page goes to ``<screenshots>/<page>.png`` (toc path with "/" as "-", e.g. book-intro.png).
+depend on the network), so fonts/CDN/launch-button targets never count, and MathJax has to come
+from the build itself (the book's sphinx-mathjax-offline extension puts it in ``_static/mathjax``).
+A full-page screenshot of every page goes to ``<screenshots>/<page>.png`` (toc path with "/" as
+"-", e.g. book-intro.png).
+
+Math: once MathJax has finished typesetting, a page fails on a formula MathJax rendered as an error
+(TeX syntax, an undefined macro), on a formula left untypeset (e.g. MathJax did not load) and on raw
+``$$`` or ``\begin{`` in its text outside code and math. The chapter sources (the toc's paths,
+relative to the toc's folder) fail on a control character in a markdown cell, which is what a
+Python escape makes of LaTeX written in a normal string: "\begin" holds a backspace, "\frac" a form
+feed, "\rho" a carriage return, "\vec" a vertical tab, "\tau", "\theta", "\times", "\text" a tab.
+Tabs count: this book indents markdown with spaces, so a tab in a markdown cell has only ever been
+such an escape. ("\nabla" holds a newline, which no check can tell from a real one.)
 
 Exit status: 0 all pages fine (a summary table is printed), 1 problems found (one line each, then the
 table and a count), 2 bad input (missing folder/file, no Chromium).
@@ -19,6 +30,8 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
+import re
 import sys
 import threading
 import time
@@ -51,6 +64,7 @@ VIEWPORT = {"width": 1280, "height": 900}
 PAGE_TIMEOUT_MS = 30_000
 IMAGE_TIMEOUT_MS = 10_000
 IDLE_TIMEOUT_MS = 5_000
+MATH_TIMEOUT_MS = 20_000
 SOURCE_SUFFIXES = (".ipynb", ".md", ".rst", ".py")
 
 # myst-nb 1.4 renders an error output as <div class="output traceback ...">; the other selectors
@@ -95,6 +109,51 @@ IMAGES_JS = """async (timeoutMs) => {
   }));
 }"""
 
+# Wait until MathJax has typeset the page, then list [kind, detail] for every formula it rendered as
+# an error (the TeX error message and the formula's source) and for the formulas (Sphinx marks them
+# with class "math") that hold no typeset output.
+MATH_JS = """async (timeoutMs) => {
+  const formulas = [...document.querySelectorAll('.math')];
+  const mj = window.MathJax;
+  if (!(mj && mj.startup && mj.startup.promise)) {
+    return formulas.length ? [['math not typeset',
+        `MathJax did not load; ${formulas.length} formula(s) left as TeX`]] : [];
+  }
+  try {
+    await Promise.race([mj.startup.promise, new Promise((_, reject) =>
+        setTimeout(() => reject(new Error(`not done after ${timeoutMs} ms`)), timeoutMs))]);
+  } catch (e) { return [['math not typeset', `MathJax failed: ${e.message || e}`]]; }
+  const found = [];
+  for (const item of mj.startup.document.math) {
+    item.root.walkTree(node => {
+      if (node.isKind('merror')) {
+        const message = node.attributes.get('data-mjx-error') || 'error';
+        found.push(['MathJax error', `${message} in: ${item.math.replace(/\\s+/g, ' ').trim().slice(0, 120)}`]);
+      }
+    });
+  }
+  const bare = formulas.filter(el => !el.querySelector('mjx-container'));
+  if (bare.length) {
+    const first = bare[0].textContent.replace(/\\s+/g, ' ').trim().slice(0, 80);
+    found.push(['math not typeset', `${bare.length} of ${formulas.length} formula(s), first: ${first}`]);
+  }
+  return found;
+}"""
+
+# Text a reader sees as raw TeX: "$$" or "\begin{" in a text node outside code and typeset math.
+RAW_TEX_JS = """() => {
+  const skip = 'pre, code, kbd, samp, script, style, textarea, template, .math, mjx-container';
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  const hits = [];
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const text = node.textContent;
+    if ((text.includes('$$') || text.includes('\\\\begin{')) && !node.parentElement.closest(skip)) {
+      hits.push(text.replace(/\\s+/g, ' ').trim().slice(0, 80));
+    }
+  }
+  return hits;
+}"""
+
 LINKS_JS = """() => [...document.querySelectorAll('a[href]')].map(
     a => ({href: a.getAttribute('href'), url: a.href}))"""
 
@@ -125,6 +184,18 @@ class PageResult:
     stderr_outputs: int = 0
     screenshot: Path | None = None
     problems: list[Problem] = field(default_factory=list)
+
+
+# Control characters a Python escape leaves in LaTeX (module docstring), named by the macros they ate.
+CONTROL_CHARS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
+CONTROL_NAMES = {
+    "\a": "bell, a Python '\\a' (\\alpha?)",
+    "\b": "backspace, a Python '\\b' (\\begin, \\beta, \\bar?)",
+    "\t": "tab, a Python '\\t' (\\tau, \\theta, \\times, \\text, \\top?)",
+    "\v": "vertical tab, a Python '\\v' (\\vec, \\varepsilon?)",
+    "\f": "form feed, a Python '\\f' (\\frac?)",
+    "\r": "carriage return, a Python '\\r' (\\rho, \\right?)",
+}
 
 
 class InputError(Exception):
@@ -223,6 +294,54 @@ def local_target(html_dir: Path, url_path: str) -> Path | None:
     return target
 
 
+# ------------------------------------------------------------------------------------ sources
+def source_file(book_dir: Path, page: str) -> Path | None:
+    """The source of toc page ``page`` under ``book_dir`` (the first suffix that exists), or None."""
+    for suffix in SOURCE_SUFFIXES:
+        if (book_dir / f"{page}{suffix}").is_file():
+            return book_dir / f"{page}{suffix}"
+    return None
+
+
+def markdown_parts(source: Path) -> list[tuple[str, str]]:
+    """(where, text) of the markdown in a chapter source: each markdown cell of a notebook
+    (``"markdown cell 3"``, 0-based index into ``cells``), or the whole file of any other source."""
+    text = source.read_text(encoding="utf-8", errors="replace")
+    if source.suffix != ".ipynb":
+        return [("file", text)]
+    cells = json.loads(text)["cells"]
+    return [
+        (f"markdown cell {i}", "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"])
+        for i, cell in enumerate(cells)
+        if cell.get("cell_type") == "markdown"
+    ]
+
+
+def control_characters(text: str) -> list[str]:
+    """One line per control character in ``text`` (see CONTROL_CHARS), with the text around it."""
+    return [
+        f"U+{ord(m.group()):04X} {CONTROL_NAMES.get(m.group(), 'control character')} "
+        f"in {text[max(0, m.start() - 15) : m.end() + 15]!r}"
+        for m in CONTROL_CHARS.finditer(text)
+    ]
+
+
+def source_problems(book_dir: Path, page: str) -> list[Problem]:
+    """Control characters in the markdown of page ``page``'s source (module docstring)."""
+    source = source_file(book_dir, page)
+    if source is None:
+        return [Problem(page, "missing source", f"no {page}{{{','.join(SOURCE_SUFFIXES)}}} under {book_dir}")]
+    try:
+        parts = markdown_parts(source)
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a notebook's cells
+        return [Problem(page, "unreadable source", f"{source.name}: not a notebook ({exc.__class__.__name__})")]
+    return [
+        Problem(page, "control character", f"{source.name} {where}: {line}")
+        for where, text in parts
+        for line in control_characters(text)
+    ]
+
+
 # -------------------------------------------------------------------------------------- check
 def image_problems(tab: Page, same_site: Callable[[str], bool]) -> tuple[int, list[tuple[str, str]]]:
     """(number of same-site images, [(src attribute, url)] of those that did not load)."""
@@ -254,6 +373,16 @@ def link_problems(
             continue  # an id added by the page's own scripts
         broken.append(f"{href} (no element with id '{name}' in {target.name})")
     return len(links), broken
+
+
+def content_problems(tab: Page) -> list[tuple[str, str]]:
+    """(kind, detail) of what reads wrong on a loaded page: cell error outputs, tables shown as
+    text, math (waits for MathJax to finish: MathJax errors, untypeset formulas) and raw TeX."""
+    found = [("cell error output", line[:300]) for line in tab.evaluate(CELL_ERROR_JS)]
+    found += [("raw markdown table", f"a cell output shows a table as text: {t}") for t in tab.evaluate(RAW_TABLE_JS)]
+    found += [(kind, detail[:300]) for kind, detail in tab.evaluate(MATH_JS, MATH_TIMEOUT_MS)]
+    found += [("raw TeX", f"the page shows TeX source as text: {t}") for t in tab.evaluate(RAW_TEX_JS)]
+    return found
 
 
 def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: Path) -> PageResult:
@@ -309,10 +438,8 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
         result.images, broken_images = image_problems(tab, same_site)
         for attr, url in broken_images:
             say("broken image", f"{attr[:120] or '(no src)'} ({failed.get(url, 'did not decode, naturalWidth 0')})")
-        for line in tab.evaluate(CELL_ERROR_JS):
-            say("cell error output", line[:300])
-        for text in tab.evaluate(RAW_TABLE_JS):
-            say("raw markdown table", f"a cell output shows a table as text: {text}")
+        for kind, detail in content_problems(tab):
+            say(kind, detail)
         result.stderr_outputs = tab.evaluate(STDERR_JS)
         result.links, broken_links = link_problems(tab, same_site, html_dir, html_file)
         for detail in broken_links:
@@ -346,7 +473,8 @@ def first_line(text: str) -> str:
 
 
 def check_site(html_dir: Path, toc_file: Path, shots: Path, chromium: str = DEFAULT_CHROMIUM) -> list[PageResult]:
-    """Check every toc page of the built book in ``html_dir``; one :class:`PageResult` per page."""
+    """Check every toc page of the built book in ``html_dir`` and its source (the toc's path under
+    the toc's folder); one :class:`PageResult` per page."""
     if not html_dir.is_dir():
         raise InputError(f"{html_dir}: HTML folder not found (build the book first: make book)")
     pages = toc_pages(toc_file)
@@ -356,9 +484,12 @@ def check_site(html_dir: Path, toc_file: Path, shots: Path, chromium: str = DEFA
     with LocalServer(html_dir) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            return [check_page(browser, server.origin, html_dir, page, shots) for page in pages]
+            results = [check_page(browser, server.origin, html_dir, page, shots) for page in pages]
         finally:
             browser.close()
+    for result in results:
+        result.problems += source_problems(toc_file.parent, result.page)
+    return results
 
 
 def summary_table(results: list[PageResult]) -> str:

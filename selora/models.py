@@ -9,17 +9,36 @@ same weights. The offline model is a genuine diffusers pipeline folder in ``selo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from packaging.version import Version
+from transformers.utils import logging as transformers_logging
 
 from selora.distributed import default_device
 from selora.paths import ASSETS_DIR
 from selora.profile import PROFILES
 from selora.profile import profile as active_profile
+
+
+def _import_pipeline_class() -> type:
+    """diffusers' ``StableDiffusionPipeline``, imported with transformers' notices muted: the import
+    loads CLIP/SigLIP image processors (the safety checker's, never used here), and without
+    torchvision transformers prints a fallback notice for each."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline
+
+
+StableDiffusionPipeline = _import_pipeline_class()
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MINI_SD_DIR = ASSETS_DIR / "mini-sd"
@@ -74,6 +93,21 @@ def weights_variant(source: str, local: bool, dtype: torch.dtype) -> str | None:
     return "fp16" if (Path(source) / FP16_VARIANT_FILE).is_file() else None
 
 
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars off for the block (loading takes seconds;
+    a chapter's stored output keeps one bar per long task), each library's setting restored after."""
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in enabled:
+            if was:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(
     model: str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -94,14 +128,15 @@ def load_pipeline(
             f"or a pipeline folder, not a profile name; the profile's model is {PROFILE_MODELS[model]!r}"
         )
     source, local = model_source(model)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source,
-        local_files_only=local,
-        variant=weights_variant(source, local, dtype),
-        safety_checker=None,
-        feature_extractor=None,  # only the safety checker uses it; a snapshot may lack its folder
-        requires_safety_checker=False,
-        **{dtype_keyword(): dtype},
-    )
+    with no_loading_bars() if local else nullcontext():  # a hub download keeps its bars (gigabytes)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            local_files_only=local,
+            variant=weights_variant(source, local, dtype),
+            safety_checker=None,
+            feature_extractor=None,  # only the safety checker uses it; a snapshot may lack its folder
+            requires_safety_checker=False,
+            **{dtype_keyword(): dtype},
+        )
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device if device is not None else default_device())

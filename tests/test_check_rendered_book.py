@@ -1,17 +1,20 @@
 """scripts/check_rendered_book.py against tiny hand-made sites: it must report exactly the planted
 problems, pass a clean site, and refuse bad input with exit status 2.
 
-Needs Debian's Chromium (`apt-get install -y chromium`); without it these tests fail, never skip.
+Needs Debian's Chromium (`apt-get install -y chromium`) and the book extra's sphinx-mathjax-offline
+(the MathJax the pages load); without them these tests fail, never skip.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +34,35 @@ ZeroDivisionError: division by zero
 </pre><button class="copybtn" data-tooltip="Copy">Copy to clipboard</button></div></div>
 </div></div>"""
 
-GOOD_BODY = """
+# MathJax as the book serves it: the package's files under _static/mathjax, configured as
+# _config.yml says (plus the class filter myst-parser adds), math marked up as Sphinx does.
+_MATHJAX_SPEC = importlib.util.find_spec("sphinx-mathjax-offline")
+assert _MATHJAX_SPEC, "sphinx-mathjax-offline is missing: install the book extra (make install)"
+MATHJAX_DIR = Path(_MATHJAX_SPEC.submodule_search_locations[0]) / "static" / "mathjax"
+_BOOK_MATHJAX = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]["mathjax3_config"]
+MATHJAX_CONFIG = {**_BOOK_MATHJAX, "options": {"processHtmlClass": "tex2jax_process|mathjax_process|math|output_area"}}
+MATHJAX = f"<script>window.MathJax = {json.dumps(MATHJAX_CONFIG)}</script>"
+
+
+def math_section(body: str, src: str = "../_static/mathjax/tex-chtml.js") -> str:
+    return (
+        f'{MATHJAX}<script defer src="{src}"></script><section class="tex2jax_ignore mathjax_ignore">{body}</section>'
+    )
+
+
+def formula(tex: str, display: bool = False) -> str:
+    tag, tex = ("div", rf"\[{tex}\]") if display else ("span", rf"\({tex}\)")
+    return f'<{tag} class="math notranslate nohighlight">{tex}</{tag}>'
+
+
+GOOD_MATH = math_section(
+    f"<p>Inline {formula(r'W_0 + BA')} and a display:</p>"
+    + formula(r"\begin{pmatrix} a \\ b \end{pmatrix} = \frac{1}{2}", display=True)
+    + r"<p>Code may show <code>$$</code> and <code>\begin{align}</code>:</p><pre>\begin{x} $$</pre>"
+)
+
+GOOD_BODY = (
+    """
 <h1 id="good">A good page</h1>
 <p>Prose may quote "Traceback (most recent call last)" without being an error output.</p>
 <img src="../_images/ok.png" alt="png"> <img src="../_images/ok.svg" alt="svg">
@@ -49,6 +80,8 @@ GOOD_BODY = """
 <script>console.log("a log line is fine"); console.warn("so is a warning");
   const el = document.createElement("span"); el.id = "made-by-js"; document.body.append(el);</script>
 """
+    + GOOD_MATH
+)
 OTHER_BODY = '<h1>Other</h1><h2 id="part-2">Part 2</h2><a href="good.html">back</a>'
 
 BAD_PAGES = {
@@ -59,6 +92,21 @@ BAD_PAGES = {
     "page-error": '<script>throw new Error("uncaught on purpose")</script>',
     "missing-resource": '<p>text</p><script src="../_static/missing.js"></script>',
     "raw-table": '<div class="cell_output docutils container"><p>| a | b |\n|---|---:|\n| 1 | 2 |</p></div>',
+    "math-error": math_section(
+        formula(r"\frac{1}", display=True) + formula(r"x + \nosuchmacro") + formula(r"\frac{1}{2", display=True)
+    ),
+    "raw-tex": math_section(r"<p>Energy $$E = mc^2$$ left as text.</p><p>\begin{align} a \end{align}</p>"),
+    "cdn-mathjax": math_section(formula("x^2"), src="https://cdn.example.invalid/mathjax/tex-chtml.js"),
+    "control-char": "<p>This page renders fine; its source has a backspace and a tab in markdown.</p>",
+}
+# Chapter sources (the toc's paths under the toc's folder); every other page gets a clean .md.
+CONTROL_CHAR_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "markdown", "source": ["# Title\n", "Clean prose.\n"]},
+        # what a normal Python string makes of "\\begin" (a backspace) and "\\tau" (a tab)
+        {"cell_type": "markdown", "source": ["$$\n", "\x08egin{pmatrix} \tau \\end{pmatrix}\n", "$$"]},
+        {"cell_type": "code", "source": ["x = '\t'  # code may hold a tab"]},
+    ]
 }
 EXPECTED_BAD = sorted(
     [
@@ -74,6 +122,16 @@ EXPECTED_BAD = sorted(
         "PROBLEM book/raw-table: raw markdown table: a cell output shows a table as text: "
         "| a | b | |---|---:| | 1 | 2 |",
         "PROBLEM book/missing: missing page: book/missing.html is not in the HTML folder (listed in the toc)",
+        "PROBLEM book/math-error: MathJax error: Missing argument for \\frac in: \\frac{1}",
+        "PROBLEM book/math-error: math not typeset: 1 of 3 formula(s), first: \\[\\frac{1}{2\\]",
+        "PROBLEM book/math-error: MathJax error: Undefined control sequence \\nosuchmacro in: x + \\nosuchmacro",
+        "PROBLEM book/raw-tex: raw TeX: the page shows TeX source as text: Energy $$E = mc^2$$ left as text.",
+        "PROBLEM book/raw-tex: raw TeX: the page shows TeX source as text: \\begin{align} a \\end{align}",
+        "PROBLEM book/cdn-mathjax: math not typeset: MathJax did not load; 1 formula(s) left as TeX",
+        "PROBLEM book/control-char: control character: control-char.ipynb markdown cell 1: U+0008 backspace, "
+        "a Python '\\b' (\\begin, \\beta, \\bar?) in '$$\\n\\x08egin{pmatrix} \\t'",
+        "PROBLEM book/control-char: control character: control-char.ipynb markdown cell 1: U+0009 tab, "
+        "a Python '\\t' (\\tau, \\theta, \\times, \\text, \\top?) in '\\x08egin{pmatrix} \\tau \\\\end{pmatrix'",
     ]
 )
 
@@ -98,6 +156,7 @@ def make_site(root: Path, pages: dict[str, str]) -> tuple[Path, Path]:
     every page given and ``book/missing`` when it is in ``pages`` as None. Returns (html, toc)."""
     html = root / "html"
     (html / "book").mkdir(parents=True)
+    (root / "book").mkdir()
     (html / "_images").mkdir()
     (html / "_static").mkdir()
     Image.new("RGB", (8, 6), (200, 30, 30)).save(html / "_images" / "ok.png")
@@ -105,10 +164,15 @@ def make_site(root: Path, pages: dict[str, str]) -> tuple[Path, Path]:
     (html / "_images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (html / "_static" / "ok.js").write_text("window.okLoaded = true;")
     (html / "_static" / "notes.txt").write_text("notes")
+    (html / "_static" / "mathjax").symlink_to(MATHJAX_DIR, target_is_directory=True)
     (html / "book" / "index.html").write_text(page("<p>folder index</p>"))
     for name, body in pages.items():
         if body is not None:
             (html / "book" / f"{name}.html").write_text(page(body))
+        if name == "control-char":
+            (root / "book" / f"{name}.ipynb").write_text(json.dumps(CONTROL_CHAR_NOTEBOOK))
+        else:
+            (root / "book" / f"{name}.md").write_text(f"# {name}\n\nClean markdown.\n")
     chapters = "".join(f"      - file: book/{name}\n" for name in pages if name != "good")
     toc = root / "_toc.yml"
     toc.write_text(f"format: jb-book\nroot: book/good\nparts:\n  - caption: Part\n    chapters:\n{chapters}")
@@ -127,7 +191,7 @@ def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
     assert problems == EXPECTED_BAD, proc.stdout
-    assert "FAILED: 10 problem(s) on 8 of 10 page(s)" in proc.stdout
+    assert "FAILED: 18 problem(s) on 12 of 14 page(s)" in proc.stdout
     table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("book/")}
     assert table["book/good"] == "ok" and table["book/other"] == "ok"
     assert table["book/error"] == "FAIL" and table["book/missing"] == "FAIL"
@@ -187,3 +251,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, expected: st
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_source_problems_read_markdown_files_and_notebooks(tmp_path: Path) -> None:
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n\n$$\x0crac{1}{2}$$\n", encoding="utf-8")
+    (tmp_path / "book" / "broken.ipynb").write_text("{not json", encoding="utf-8")
+    assert [str(p) for p in crb.source_problems(tmp_path, "book/intro")] == [
+        "PROBLEM book/intro: control character: intro.md file: U+000C form feed, a Python '\\f' (\\frac?) "
+        "in '# Intro\\n\\n$$\\x0crac{1}{2}$$\\n'"
+    ]
+    assert [str(p) for p in crb.source_problems(tmp_path, "book/broken")] == [
+        "PROBLEM book/broken: unreadable source: broken.ipynb: not a notebook (JSONDecodeError)"
+    ]
+    assert [str(p) for p in crb.source_problems(tmp_path, "book/absent")] == [
+        f"PROBLEM book/absent: missing source: no book/absent{{.ipynb,.md,.rst,.py}} under {tmp_path}"
+    ]

@@ -228,3 +228,27 @@ def test_a_half_precision_load_reads_the_fp16_variant_files(tmp_path):
         assert half.unet.dtype == dtype and half.unet.conv_in.weight.abs().sum() == 0, f"{dtype}: not the variant"
     full = load_pipeline(str(folder), dtype=torch.float32, device="cpu")
     assert full.unet.dtype == torch.float32 and full.unet.conv_in.weight.abs().sum() > 0, "float32 read the variant"
+
+
+def test_importing_the_loader_prints_nothing():
+    """No library notice reaches a chapter's output when it imports the loader (diffusers' import loads
+    image processors that, without torchvision, make transformers print a fallback notice each)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import selora.models, selora.trainer"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr[-500:]
+
+
+def test_a_local_load_shows_no_loading_bars_and_restores_the_libraries_settings(capsys):
+    """Loading the shipped model takes seconds: no diffusers/transformers bar in a chapter's output;
+    each library's own progress-bar setting is as before afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    load_pipeline("mini-sd", device="cpu")
+    err = capsys.readouterr().err
+    assert "Loading" not in err and "it/s" not in err, err[-300:]
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
