@@ -7,12 +7,12 @@ offline proxy computes on its own features (:func:`selora.proxies.fid_proxy`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance", "frechet_distance_features", "gaussian_stats"]
+__all__ = ["frechet_distance", "frechet_distance_features", "gaussian_stats", "same_distribution_distances"]
 
 
 def _features(name: str, x: Tensor | Sequence) -> Tensor:
@@ -68,3 +68,30 @@ def frechet_distance_features(features1: Tensor, features2: Tensor) -> float:
     if f1.shape[1] != f2.shape[1]:
         raise ValueError(f"features2: expected {f1.shape[1]} feature columns like features1, got {f2.shape[1]}")
     return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
+
+def same_distribution_distances(
+    rows: Tensor,
+    n: int,
+    draws: int,
+    generator: torch.Generator,
+    distance: Callable[[Tensor, Tensor], float] = frechet_distance_features,
+) -> Tensor:
+    """``distance`` between two DISJOINT random subsets of ``n`` of ``rows`` ``(N >= 2n, ...)``, ``draws``
+    times (subsets drawn with ``generator``): ``(draws,)`` float64. ``rows``: features ``(N, D)`` for
+    the default :func:`frechet_distance_features`, or images for an image metric such as
+    :func:`selora.metrics.frechet_metric`.
+
+    Both subsets come from one distribution, so the true distance is 0: the values are the estimator's
+    small-sample bias (and spread) at set size ``n``, the floor a method scored on ``n`` images cannot
+    go below. On features the mean term alone contributes ``E|mu1 - mu2|^2 = 2 tr(S) / n``.
+    """
+    if n < 2 or 2 * n > rows.shape[0]:
+        raise ValueError(f"n={n}: expected 2 <= n <= N / 2 = {rows.shape[0] // 2} (two disjoint subsets)")
+    if draws < 1:
+        raise ValueError(f"draws={draws}: expected at least 1")
+    out = []
+    for _ in range(draws):
+        order = torch.randperm(rows.shape[0], generator=generator)
+        out.append(distance(rows[order[:n]], rows[order[n : 2 * n]]))
+    return torch.tensor(out, dtype=torch.float64)

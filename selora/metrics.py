@@ -38,6 +38,7 @@ __all__ = [
     "LABELS",
     "clip_score",
     "evaluate",
+    "frechet_metric",
     "images_from_pil",
     "inception_fid",
     "to_unit_rgb",
@@ -190,6 +191,14 @@ def _metric_fns(profile: str | None) -> dict[str, Callable[[Tensor, list[str], T
             "alignment_proxy": lambda gen, prompts, real: alignment_proxy(gen, prompts),
         }
     raise ValueError(f"profile={name!r}: expected 'offline' or 'paper'")
+
+
+def frechet_metric(profile: str | None = None) -> Callable[[Tensor, Tensor], float]:
+    """The profile's Fréchet distance ``fn(real, generated)`` on images ``(N, 1, H, W)``: FID (paper)
+    or the Fréchet proxy (offline), the first metric of :func:`evaluate`."""
+    fns = _metric_fns(profile)
+    fid = fns[next(iter(fns))]
+    return lambda real, generated: fid(check_images("generated", generated), [], real)
 
 
 def images_from_pil(images: Sequence) -> Tensor:

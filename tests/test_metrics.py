@@ -8,7 +8,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from selora import metrics
-from selora.frechet import frechet_distance, frechet_distance_features, gaussian_stats
+from selora.frechet import frechet_distance, frechet_distance_features, gaussian_stats, same_distribution_distances
 from selora.tokenizer import load_clip_tokenizer
 
 
@@ -246,3 +246,31 @@ def test_clip_is_loaded_once_per_process(monkeypatch):
     finally:
         metrics._load_clip.cache_clear()
     assert first is second and loads == [metrics.CLIP_MODEL_ID]
+
+
+def test_same_distribution_distances_are_the_small_sample_bias():
+    """Two disjoint subsets of one Gaussian: each value is scipy's Fréchet distance of those subsets; the
+    mean is at least the mean term's 2 D / n (identity covariance) and shrinks as n grows."""
+    d = 8
+    features = torch.from_numpy(np.random.default_rng(0).standard_normal((2000, d)))
+    small = same_distribution_distances(features, 20, 40, torch.Generator().manual_seed(1))
+    large = same_distribution_distances(features, 500, 40, torch.Generator().manual_seed(1))
+    assert small.shape == (40,) and (small >= 0).all()
+    assert small.mean() > 0.9 * 2 * d / 20 and large.mean() < small.mean() / 10
+    order = torch.randperm(2000, generator=torch.Generator().manual_seed(1))  # the first draw's subsets
+    a, b = features[order[:20]].numpy(), features[order[20:40]].numpy()
+    ref = scipy_frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert float(small[0]) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="n=1001"):
+        same_distribution_distances(features, 1001, 1, torch.Generator())
+
+
+def test_frechet_metric_is_the_profiles_first_metric(monkeypatch):
+    """The image-level Fréchet function of a profile is what evaluate() reports as its first metric."""
+    gen = torch.Generator().manual_seed(0)
+    real, fake = (torch.rand(12, 1, 32, 32, generator=gen) * 2 - 1 for _ in range(2))
+    offline = metrics.evaluate(fake, [""] * 12, real, "offline")
+    assert metrics.frechet_metric("offline")(real, fake) == offline["fid_proxy"]
+    seen = {}
+    monkeypatch.setattr(metrics, "inception_fid", lambda r, g: seen.setdefault("args", (r, g)) and 7.0)
+    assert metrics.frechet_metric("paper")(real, fake) == 7.0 and seen["args"][0] is real
