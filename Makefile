@@ -19,7 +19,7 @@ export SELORA_THREADS ?= 1
 PLAIN_KERNELS := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
 	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR" SELORA_CACHE=$(CURDIR)/.cache/plain-kernels
 
-.PHONY: install data lint test test-kernels test-unit test-book book check-book execute bench regression-reference clean
+.PHONY: install data lint test test-kernels test-unit test-book book check-book execute bench gpu-check regression-reference clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,16 @@ execute: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/core.py
 	$(PY) benchmarks/sd15.py
+
+## make gpu-check: on a GPU machine, nothing installed (README "GPU check"): SD v1.5 at full widths with
+## random weights, the four methods in fp16/bf16, a 1-process NCCL DDP start, speed and memory -> runs/gpu-check
+## (<= 8 min); the package from this checkout and every wheel in wheels/ (diffusers) through PYTHONPATH
+empty :=
+space := $(empty) $(empty)
+GPU_CHECK_PATH := $(subst $(space),:,$(strip $(CURDIR) $(abspath $(wildcard wheels/*.whl))))
+gpu-check:
+	mkdir -p runs/gpu-check
+	PYTHONPATH=$(GPU_CHECK_PATH)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py --device cuda --out-dir runs/gpu-check
 
 ## make regression-reference: re-record tests/data/regression (only when a change is MEANT to alter results)
 regression-reference: $(STAMP)

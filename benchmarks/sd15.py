@@ -128,13 +128,14 @@ def build_base(quick: bool, dtype: torch.dtype, device: torch.device) -> Diffusi
 
 
 def make_inputs(
-    model: DiffusionModel, batch: int, device: torch.device, dtype: torch.dtype
+    model: DiffusionModel, batch: int, device: torch.device, dtype: torch.dtype, latent: int = LATENT
 ) -> tuple[torch.Tensor, ...]:
-    """``(noisy (N, 4, 28, 28), t (N,), ids (N, 77), noise (N, 4, 28, 28))``, seeded."""
+    """``(noisy (N, 4, L, L), t (N,), ids (N, 77), noise (N, 4, L, L))``, seeded; ``L = latent``
+    (28: 224 px images)."""
     g = torch.Generator().manual_seed(batch)
     vocab = model.text_encoder.config.vocab_size
-    noisy = torch.randn(batch, 4, LATENT, LATENT, generator=g)
-    noise = torch.randn(batch, 4, LATENT, LATENT, generator=g)
+    noisy = torch.randn(batch, 4, latent, latent, generator=g)
+    noise = torch.randn(batch, 4, latent, latent, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     ids = torch.randint(0, vocab, (batch, TOKENS), generator=g)
     return noisy.to(device, dtype), t.to(device), ids.to(device), noise.to(device)

@@ -9,6 +9,8 @@ scheduler config keys, and a ``model_index.json`` that names a safety checker an
 extractor whose folders are absent (as in a snapshot downloaded without them). The weights are
 random; the folder builds in seconds and lets the paper path run end to end on a CPU (the dress
 rehearsal in ``tests/test_dress_rehearsal.py``) without the 4 GB download.
+:func:`build_sd15_modules` gives the same modules in memory, at any width up to SD v1.5's own
+(``benchmarks/gpu_check.py`` builds them at full width on the GPU).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 #: SD v1.5's widths; :func:`build_sd15_structure` scales them by ``width / 320``.
 SD15_BLOCK_OUT = (320, 640, 1280, 1280)
@@ -65,8 +68,9 @@ def _unet(width: int, text_width: int):
     )
 
 
-def _vae(width: int):
-    """SD's 4-block VAE, ``width / 4`` wide at its first block."""
+def _vae(first: int):
+    """SD's 4-block VAE, ``first`` wide at its first block (SD: 128), 32 GroupNorm groups (SD's) when
+    ``first`` is a multiple of 32, else 8."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -74,11 +78,11 @@ def _vae(width: int):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=tuple(c * width // 4 // SD15_VAE_BLOCK_OUT[0] for c in SD15_VAE_BLOCK_OUT),
+        block_out_channels=tuple(c * first // SD15_VAE_BLOCK_OUT[0] for c in SD15_VAE_BLOCK_OUT),
         layers_per_block=2,
         act_fn="silu",
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=32 if first % 32 == 0 else 8,
         sample_size=512,
         scaling_factor=0.18215,
     )
@@ -136,6 +140,26 @@ def _as_hub_snapshot(folder: Path, feature_extractor: bool) -> None:
     index_file.write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
 
 
+def build_sd15_modules(
+    width: int = 32, text_width: int = 48, seed: int = 0, vae_width: int | None = None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """``(unet, vae, text_encoder)`` of SD v1.5's structure in memory, random weights drawn after
+    ``torch.manual_seed(seed)``, on torch's default device (build them under ``with torch.device(...)``
+    to draw them there). ``width`` and ``text_width`` as for :func:`build_sd15_structure`;
+    ``vae_width``: the VAE's first-block width, a multiple of 8 (default ``width / 4``; SD v1.5: 128).
+    ``(320, 768, vae_width=128)`` is SD v1.5 itself: UNet 859.5 M, VAE 83.7 M, text encoder 123.1 M
+    parameters."""
+    vae_width = width // 4 if vae_width is None else vae_width
+    if width < 32 or width % 32:
+        raise ValueError(f"width: expected a positive multiple of 32, got {width}")
+    if text_width < 12 or text_width % SD15_TEXT_HEADS:
+        raise ValueError(f"text_width: expected a positive multiple of {SD15_TEXT_HEADS}, got {text_width}")
+    if vae_width < 8 or vae_width % 8:
+        raise ValueError(f"vae_width: expected a positive multiple of 8, got {vae_width}")
+    torch.manual_seed(seed)
+    return _unet(width, text_width), _vae(vae_width), _text_encoder(text_width)
+
+
 def build_sd15_structure(
     folder: str | Path, width: int = 32, text_width: int = 48, seed: int = 0, feature_extractor: bool = True
 ) -> Path:
@@ -144,7 +168,8 @@ def build_sd15_structure(
     ``width``: the UNet's first block width (SD v1.5: 320; the others are 2x, 4x, 4x), a multiple
     of 32 (SD's 32 GroupNorm groups, 8 heads). ``text_width``: the CLIP text hidden size (SD v1.5:
     768), a multiple of 12 (12 heads); it is also the UNet's ``cross_attention_dim``. The VAE is
-    ``width / 4`` wide at its first block (SD: 128 for 320), 8 GroupNorm groups.
+    ``width / 4`` wide at its first block (8 for 32; SD v1.5's is 128), with 8 GroupNorm groups (SD's 32
+    when that width is a multiple of 32).
 
     ``model_index.json`` always names the safety checker, whose folder is absent (the folder
     ``from_pretrained(..., safety_checker=None)`` downloads lacks it). ``feature_extractor``: write
@@ -156,13 +181,8 @@ def build_sd15_structure(
     from selora.models import sd15_scheduler_config
     from selora.tokenizer import load_clip_tokenizer
 
-    if width < 32 or width % 32:
-        raise ValueError(f"width: expected a positive multiple of 32, got {width}")
-    if text_width < 12 or text_width % SD15_TEXT_HEADS:
-        raise ValueError(f"text_width: expected a positive multiple of {SD15_TEXT_HEADS}, got {text_width}")
     folder = Path(folder)
-    torch.manual_seed(seed)
-    unet, vae, text = _unet(width, text_width), _vae(width), _text_encoder(text_width)
+    unet, vae, text = build_sd15_modules(width, text_width, seed)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
