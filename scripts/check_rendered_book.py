@@ -6,7 +6,8 @@ r"""Open the rendered book in headless Chromium and check every page as a reader
 Serves the HTML folder from a local http.server on 127.0.0.1 (a free port), visits every page
 listed in the table of contents and fails on: a missing page, a rendered cell error output, a broken
 same-site link or anchor, an image that did not load, a same-site resource that failed (HTTP >= 400),
-console errors and uncaught page errors. Requests to other hosts are blocked (the verdict must not
+console errors, uncaught page errors and a frame slider (``selora.slider``) whose image does not
+change when it is moved. Requests to other hosts are blocked (the verdict must not
 depend on the network), so fonts/CDN/launch-button targets never count, and MathJax has to come
 from the build itself (the book's sphinx-mathjax-offline extension puts it in ``_static/mathjax``).
 A full-page screenshot of every page goes to ``<screenshots>/<page>.png`` (toc path with "/" as
@@ -152,6 +153,28 @@ RAW_TEX_JS = """() => {
     }
   }
   return hits;
+}"""
+
+# Move every frame slider (selora.slider) to another value and back; one line for each slider whose
+# visible image did not change (or that does not show exactly one frame).
+SLIDERS_JS = """() => {
+  const boxes = [...document.querySelectorAll('div.selora-frame-slider')];
+  const found = [];
+  boxes.forEach((box, n) => {
+    const input = box.querySelector('input[type=range]');
+    const shown = () => [...box.querySelectorAll('img')].filter(img => getComputedStyle(img).display !== 'none');
+    const move = value => { input.value = value; input.dispatchEvent(new Event('input', {bubbles: true})); };
+    const before = shown(), old = input.value;
+    const target = Number(old) === Number(input.max) ? input.min : input.max;
+    move(target);
+    const after = shown();
+    move(old);
+    const which = `slider ${n + 1} of ${boxes.length}`;
+    if (before.length !== 1) found.push(`${which}: ${before.length} frames visible, expected 1`);
+    else if (target !== old && (after.length !== 1 || after[0] === before[0]))
+      found.push(`${which}: moving it from ${old} to ${target} does not change the image`);
+  });
+  return found;
 }"""
 
 LINKS_JS = """() => [...document.querySelectorAll('a[href]')].map(
@@ -377,11 +400,13 @@ def link_problems(
 
 def content_problems(tab: Page) -> list[tuple[str, str]]:
     """(kind, detail) of what reads wrong on a loaded page: cell error outputs, tables shown as
-    text, math (waits for MathJax to finish: MathJax errors, untypeset formulas) and raw TeX."""
+    text, math (waits for MathJax to finish: MathJax errors, untypeset formulas), raw TeX and frame
+    sliders that do not change their image when moved."""
     found = [("cell error output", line[:300]) for line in tab.evaluate(CELL_ERROR_JS)]
     found += [("raw markdown table", f"a cell output shows a table as text: {t}") for t in tab.evaluate(RAW_TABLE_JS)]
     found += [(kind, detail[:300]) for kind, detail in tab.evaluate(MATH_JS, MATH_TIMEOUT_MS)]
     found += [("raw TeX", f"the page shows TeX source as text: {t}") for t in tab.evaluate(RAW_TEX_JS)]
+    found += [("frame slider", detail) for detail in tab.evaluate(SLIDERS_JS)]
     return found
 
 

@@ -10,7 +10,9 @@ machine paths; an execution error leaves the file untouched and exits non-zero.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import re
 import sys
 import time
@@ -47,6 +49,22 @@ def scrub_outputs(nb: nbformat.NotebookNode) -> None:
                     out["data"][key] = scrub(value if isinstance(value, str) else "".join(value))
 
 
+#: The libraries whose versions a chapter's outputs depend on (recorded in every executed chapter).
+RECORDED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "numpy", "matplotlib")
+
+
+def execution_setting() -> dict[str, object]:
+    """What the chapters are executed with, recorded in each notebook's metadata (``selora.executed_with``):
+    profile, torch threads, Python and library versions. ``tests/test_book_structure.py`` checks that
+    every chapter carries the same record, so the book is executed with one setting."""
+    return {
+        "profile": os.environ["SELORA_PROFILE"],
+        "threads": int(os.environ["SELORA_THREADS"]),
+        "python": platform.python_version(),
+        **{name: importlib.metadata.version(name) for name in RECORDED_PACKAGES},
+    }
+
+
 #: Seconds a cell may take: the offline chapters' longest cell is a few minutes; the paper profile's
 #: training cells run for hours on a GPU, so they get no limit.
 CELL_TIMEOUT = {"offline": 900, "paper": None}
@@ -69,6 +87,7 @@ def execute(path: Path, timeout: int | None = None) -> float:
         resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     scrub_outputs(nb)
+    nb.metadata["selora"] = {"executed_with": execution_setting()}
     with atomic_path(path) as tmp:
         nbformat.write(nb, tmp)
     return time.perf_counter() - start

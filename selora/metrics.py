@@ -37,6 +37,7 @@ __all__ = [
     "INCEPTION_SIZE",
     "LABELS",
     "clip_score",
+    "alignment_metric",
     "evaluate",
     "frechet_metric",
     "images_from_pil",
@@ -196,9 +197,15 @@ def _metric_fns(profile: str | None) -> dict[str, Callable[[Tensor, list[str], T
 def frechet_metric(profile: str | None = None) -> Callable[[Tensor, Tensor], float]:
     """The profile's Fréchet distance ``fn(real, generated)`` on images ``(N, 1, H, W)``: FID (paper)
     or the Fréchet proxy (offline), the first metric of :func:`evaluate`."""
-    fns = _metric_fns(profile)
-    fid = fns[next(iter(fns))]
+    fid = next(iter(_metric_fns(profile).values()))
     return lambda real, generated: fid(check_images("generated", generated), [], real)
+
+
+def alignment_metric(profile: str | None = None) -> Callable[[Tensor, Sequence[str]], float]:
+    """The profile's image-text alignment ``fn(images, prompts)``: CLIP score (paper) or the alignment
+    proxy (offline), the second metric of :func:`evaluate`."""
+    align = list(_metric_fns(profile).values())[1]
+    return lambda images, prompts: align(check_images("images", images), list(prompts), images)
 
 
 def images_from_pil(images: Sequence) -> Tensor:

@@ -13,9 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import pytest
 import yaml
 from PIL import Image
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from selora.slider import frame_slider  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "check_rendered_book.py"
@@ -82,7 +88,23 @@ GOOD_BODY = (
 """
     + GOOD_MATH
 )
-OTHER_BODY = '<h1>Other</h1><h2 id="part-2">Part 2</h2><a href="good.html">back</a>'
+
+
+def slider_html(values: list[int]) -> str:
+    """A real frame slider (selora.slider) over ``values``: one tiny figure per value."""
+
+    def draw(v: int):
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.bar([0], [v])
+        ax.set_ylim(0, max(values))
+        return fig
+
+    return frame_slider(draw, values, "v", dpi=20).data
+
+
+SLIDER = slider_html([1, 2, 3])
+DEAD_SLIDER = SLIDER[: SLIDER.index("<script>")]  # the frames and the input, but no script
+OTHER_BODY = '<h1>Other</h1><h2 id="part-2">Part 2</h2><a href="good.html">back</a>' + SLIDER + slider_html([5])
 
 BAD_PAGES = {
     "error": MYST_NB_TRACEBACK,
@@ -98,6 +120,7 @@ BAD_PAGES = {
     "raw-tex": math_section(r"<p>Energy $$E = mc^2$$ left as text.</p><p>\begin{align} a \end{align}</p>"),
     "cdn-mathjax": math_section(formula("x^2"), src="https://cdn.example.invalid/mathjax/tex-chtml.js"),
     "control-char": "<p>This page renders fine; its source has a backspace and a tab in markdown.</p>",
+    "dead-slider": SLIDER + DEAD_SLIDER,
 }
 # Chapter sources (the toc's paths under the toc's folder); every other page gets a clean .md.
 CONTROL_CHAR_NOTEBOOK = {
@@ -132,6 +155,7 @@ EXPECTED_BAD = sorted(
         "a Python '\\b' (\\begin, \\beta, \\bar?) in '$$\\n\\x08egin{pmatrix} \\t'",
         "PROBLEM book/control-char: control character: control-char.ipynb markdown cell 1: U+0009 tab, "
         "a Python '\\t' (\\tau, \\theta, \\times, \\text, \\top?) in '\\x08egin{pmatrix} \\tau \\\\end{pmatrix'",
+        "PROBLEM book/dead-slider: frame slider: slider 2 of 2: moving it from 1 to 3 does not change the image",
     ]
 )
 
@@ -191,7 +215,7 @@ def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
     assert problems == EXPECTED_BAD, proc.stdout
-    assert "FAILED: 18 problem(s) on 12 of 14 page(s)" in proc.stdout
+    assert "FAILED: 19 problem(s) on 13 of 15 page(s)" in proc.stdout
     table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("book/")}
     assert table["book/good"] == "ok" and table["book/other"] == "ok"
     assert table["book/error"] == "FAIL" and table["book/missing"] == "FAIL"

@@ -265,12 +265,13 @@ def test_same_distribution_distances_are_the_small_sample_bias():
         same_distribution_distances(features, 1001, 1, torch.Generator())
 
 
-def test_frechet_metric_is_the_profiles_first_metric(monkeypatch):
+def test_frechet_and_alignment_metric_are_the_profiles_two_metrics(monkeypatch):
     """The image-level Fréchet function of a profile is what evaluate() reports as its first metric."""
     gen = torch.Generator().manual_seed(0)
     real, fake = (torch.rand(12, 1, 32, 32, generator=gen) * 2 - 1 for _ in range(2))
     offline = metrics.evaluate(fake, [""] * 12, real, "offline")
     assert metrics.frechet_metric("offline")(real, fake) == offline["fid_proxy"]
+    assert metrics.alignment_metric("offline")(fake, [""] * 12) == offline["alignment_proxy"]
     seen = {}
     monkeypatch.setattr(metrics, "inception_fid", lambda r, g: seen.setdefault("args", (r, g)) and 7.0)
     assert metrics.frechet_metric("paper")(real, fake) == 7.0 and seen["args"][0] is real
