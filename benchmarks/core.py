@@ -2,6 +2,8 @@
 
 Prints, measured interleaved in one run (fastest CPU time per step over rounds):
   test step / plain step            (goal <= 1.10; the authors' extra forward+backward costs ~2x)
+  signal test step / fi-ratio test step   (goal <= 1.02: the signal test of selora.signal is no
+                                            slower than the paper's test on the same step)
   SeLoRA plain step / LoRA plain step at equal rank   (goal <= 1.02)
   selora LoRA plain step / PEFT LoRA plain step       (goal <= 1.00; the layer-level view of
                                                         sd15.py's ``lora_selora_vs_peft``)
@@ -49,7 +51,8 @@ class Stack(nn.Module):
 
 
 def make_step(kind: str, levels: tuple[tuple[int, int], ...], rank: int, batch: int, mode: str) -> Callable[[], None]:
-    """One training step of a fresh model: ``kind`` lora | selora | peft, ``mode`` plain | test | extra-pass."""
+    """One training step of a fresh model: ``kind`` lora | selora | peft, ``mode`` plain | test |
+    signal-test | extra-pass."""
     torch.manual_seed(0)
     model = Stack(levels)
     if kind == "peft":
@@ -70,8 +73,11 @@ def make_step(kind: str, levels: tuple[tuple[int, int], ...], rank: int, batch: 
     ctl = None
     if kind == "selora":
         # test mode: every step is a test step; nothing expands, so shapes stay comparable
-        interval = 1 if mode == "test" else 10**9
-        ctl = selora.ExpansionController(model, opt, threshold=1e30, interval=interval)
+        interval = 1 if mode in ("test", "signal-test") else 10**9
+        criterion = "signal" if mode == "signal-test" else "fi-ratio"
+        ctl = selora.ExpansionController(
+            model, opt, threshold=1e30, interval=interval, criterion=criterion, max_rank=rank
+        )
 
     def step() -> None:
         model(xs).backward()
@@ -99,6 +105,7 @@ def run(
         "peft lora plain": make_step("peft", levels, rank, batch, "plain"),
         "selora plain": make_step("selora", levels, rank, batch, "plain"),
         "selora test step": make_step("selora", levels, rank, batch, "test"),
+        "selora signal test step": make_step("selora", levels, rank, batch, "signal-test"),
         "plain + extra fwd/bwd": make_step("lora", levels, rank, batch, "extra-pass"),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -134,6 +141,8 @@ def main() -> None:
     for name, t in med.items():
         print(f"  {name:<24s} {1000 * t:9.2f} ms/step (CPU)")
     print(f"test step / plain step (goal <= 1.10):        {med['selora test step'] / med['selora plain']:.3f}")
+    signal = med["selora signal test step"] / med["selora test step"]
+    print(f"signal test step / fi-ratio test step (<= 1.02): {signal:.3f}")
     print(f"SeLoRA plain / LoRA plain, rank {args.rank} (<= 1.02): {med['selora plain'] / med['lora plain']:.3f}")
     print(f"selora LoRA / PEFT LoRA, rank {args.rank} (<= 1.00): {med['lora plain'] / med['peft lora plain']:.3f}")
     print(f"plain + extra fwd/bwd / plain (authors):      {med['plain + extra fwd/bwd'] / med['lora plain']:.3f}")

@@ -23,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from selora.expansion import CRITERIA
 from selora.methods import METHODS
 from selora.paths import PACKAGE_DIR
 
@@ -79,6 +80,13 @@ class TrainConfig:
     lora_scale: float = option(1.0, "adapter scaling, fixed")
     threshold: float = option(1.1, "lambda: expand when FI_exp / FI_orig >= threshold (Eq. 5)")
     interval: int = option(40, "t: test for expansion every t optimizer steps", minimum=1)
+    criterion: str = option(
+        "fi-ratio", "SeLoRA expansion test: fi-ratio (the paper's Eq. 5) or signal (book ch. 9)", choices=CRITERIA
+    )
+    signal_alpha: float = option(0.001, "signal test: false-expansion rate per layer and test on pure noise", minimum=0)
+    signal_window: int = option(
+        10, "signal test: capture the last N steps of each interval (1: the test step only)", minimum=1
+    )
     # optimisation
     lr: float = option(1.0e-4, "AdamW learning rate", minimum=0)
     weight_decay: float = option(0.0, "AdamW weight decay", minimum=0)

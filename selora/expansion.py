@@ -12,7 +12,9 @@ when ``interval == 1``) the controller ARMS every SeLoRA layer and draws its can
 the test step's forward/backward then captures exact per-sample statistics (:mod:`selora.fisher`)
 at the parameters of that backward — no extra pass, no call of the model. ``step()`` on the test
 step scores each layer (Eq. 3-5), expands where FI_exp / FI_orig >= threshold and
-rank < max_rank, installing the K that was scored (Eq. 2), disarms, and swaps the grown
+rank < max_rank (``criterion="fi-ratio"``, the paper's rule), or where the new column's mean
+per-sample gradient stands above sampling noise at level ``alpha`` (``criterion="signal"``, this
+book's test: :mod:`selora.signal`), installing the K that was scored (Eq. 2), disarms, and swaps the grown
 parameters into the optimizer (:mod:`selora.optim`). Unarmed layers pay one ``is None`` check.
 A step that is skipped calls ``discard()`` instead of ``step()``: what its backward captured is
 dropped and the next forward/backward is captured afresh for the same test (same K).
@@ -31,10 +33,15 @@ from torch import nn
 from selora.fisher import LOSS_REDUCTIONS, LayerCapture, fi_ratio, fi_scores
 from selora.layers import SeLoRALinear, lora_layers
 from selora.optim import check_supported, replace_parameters
+from selora.signal import SIGNAL_SCALARS, SignalScore, signal_score
 
-#: ``reduce(stats) -> stats`` on a ``(layers, 3)`` tensor of [sum of squared per-sample gradient
-#: norms (A, B), same for the new B columns, sample count]; e.g. an all-reduce SUM across DDP ranks.
+#: ``reduce(stats) -> stats``, an elementwise SUM (e.g. an all-reduce across DDP ranks). The
+#: fi-ratio criterion passes a ``(layers, 3)`` table of [sum of squared per-sample gradient norms
+#: (A, B), same for the new B columns, sample count]; the signal criterion one flat vector: that
+#: table, then each layer's :func:`selora.signal.signal_row` (summed before any square is taken).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+#: The expansion tests: the paper's FI-Ratio (Eq. 5) and this book's signal test (selora.signal).
+CRITERIA = ("fi-ratio", "signal")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class Decision:
     ``fi_orig``/``fi_exp``: FI-Scores (Eq. 4) of the layer and of the layer expanded by the scored K;
     ``ratio = fi_exp / fi_orig`` (Eq. 5, working direction, >= 1; ``inf`` if only fi_exp > 0, ``nan``
     for 0/0, e.g. a layer that was not used); ``expanded``: whether the rank grew by one.
+    Under the signal criterion also ``signal`` (R), ``dof`` (nu) and ``p_value`` (:mod:`selora.signal`);
+    ``nan`` under the fi-ratio criterion.
     """
 
     name: str
@@ -52,6 +61,9 @@ class Decision:
     fi_exp: float
     ratio: float
     expanded: bool
+    signal: float = math.nan
+    dof: float = math.nan
+    p_value: float = math.nan
 
 
 def _layers(model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.Module]) -> dict[str, SeLoRALinear]:
@@ -82,7 +94,14 @@ class ExpansionController:
         generator: CPU generator for the candidate rows K; default one seeded from torch's global
             RNG at construction (so ``selora.setup(seed)`` makes runs reproducible).
         loss_reduction: ``"mean"`` (loss = mean_i L_i) or ``"sum"``; only rescales FI values.
-        reduce: hook applied to the ``(layers, 3)`` statistics before scoring (DDP); default identity.
+        reduce: elementwise sum applied to the statistics before scoring (DDP, :data:`Reduce`);
+            default identity.
+        criterion: ``"fi-ratio"`` (Eq. 5: FI_exp / FI_orig >= threshold) or ``"signal"`` (expand when
+            the signal test's p-value <= ``alpha``; ``threshold`` is then unused).
+        alpha: the signal test's false-expansion rate per layer and test on pure noise.
+        window: capture the last ``window`` steps of every interval (1: the test step only; up to
+            ``interval``), one K per window: more samples for the test, and each step in the
+            window pays the hooks' cost (no extra pass). A skipped step drops the window so far.
 
     The first input dimension of every adapted layer must be the sample dimension (inputs
     ``(N, in)`` or ``(N, ..., in)``); a layer called several times per forward is handled. Forwards
@@ -102,6 +121,9 @@ class ExpansionController:
         generator: torch.Generator | None = None,
         loss_reduction: str = "mean",
         reduce: Reduce | None = None,
+        criterion: str = "fi-ratio",
+        alpha: float = 0.001,
+        window: int = 1,
     ) -> None:
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval: expected an integer >= 1, got {interval!r}")
@@ -111,6 +133,12 @@ class ExpansionController:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
             raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+        if int(window) != window or not 1 <= window <= interval:
+            raise ValueError(f"window: expected an integer in [1, interval={interval}], got {window!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
+        if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+            raise ValueError(f"alpha: expected a probability in (0, 1), got {alpha!r}")
         self.layers = _layers(model_or_layers)
         self.optimizer = optimizer
         if optimizer is not None:
@@ -128,6 +156,9 @@ class ExpansionController:
         self.generator = generator
         self.loss_reduction = loss_reduction
         self.reduce = reduce
+        self.criterion = criterion
+        self.alpha = float(alpha)
+        self.window = int(window)
         self.count = 0
         self.captures: dict[str, LayerCapture] = {}
         self.closed = False
@@ -136,14 +167,14 @@ class ExpansionController:
     # -- arming -----------------------------------------------------------------------------
     @property
     def armed(self) -> bool:
-        """Whether the next forward/backward is captured (the next ``step()`` is a test step)."""
+        """Whether the next forward/backward is captured (the next ``step()`` is in a test window)."""
         return bool(self.captures)
 
     def _arm(self, candidates: Mapping[str, torch.Tensor] | None = None) -> None:
         """Install a capture with candidate rows K ``(1, in)`` in every layer (drawn unless given)."""
         for name, layer in self.layers.items():
             K = candidates[name] if candidates is not None else layer.draw_rows(1, self.generator)
-            capture = LayerCapture(layer, K.to(layer.lora_A), self.loss_reduction)
+            capture = LayerCapture(layer, K.to(layer.lora_A), self.loss_reduction, self.criterion == "signal")
             layer._capture = capture
             self.captures[name] = capture
 
@@ -152,10 +183,21 @@ class ExpansionController:
             self.layers[name]._capture = None
         self.captures = {}
 
+    def _in_window(self) -> bool:
+        """Whether the next step is one of the last ``window`` steps of its interval."""
+        return (-(self.count + 1)) % self.interval < self.window
+
     def _rearm(self, candidates: Mapping[str, torch.Tensor] | None = None) -> None:
         self._disarm()
-        if not self.closed and (self.count + 1) % self.interval == 0:
+        if not self.closed and self._in_window():
             self._arm(candidates)
+
+    def _advance(self) -> None:
+        """After a step: stay armed (same K, statistics accumulating) inside a window, else arm or disarm."""
+        if self.closed or not self._in_window():
+            self._disarm()
+        elif not self.armed:
+            self._arm()
 
     def close(self) -> None:
         """Disarm for good (end of training, or before calling the model for something else)."""
@@ -180,7 +222,8 @@ class ExpansionController:
         decisions: list[Decision] = []
         if self.count % self.interval == 0 and not self.closed:
             decisions = self._decide(float(grad_scale))
-        self._rearm()
+            self._disarm()
+        self._advance()
         return decisions
 
     def discard(self) -> None:
@@ -203,23 +246,49 @@ class ExpansionController:
         table = torch.stack(rows)  # (layers, 3)
         if grad_scale != 1.0:  # squared gradients of loss * grad_scale -> those of the loss
             table[:, :2] /= grad_scale**2
-        if self.reduce is not None:
-            table = self.reduce(table)
+        if self.criterion == "signal":
+            table, scores = self._reduce_signal(names, table)
+        else:
+            if self.reduce is not None:
+                table = self.reduce(table)
+            scores = [None] * len(names)
         decisions, swaps = [], {}
-        for name, stats in zip(names, table.cpu()):
+        for name, stats, score in zip(names, table.cpu(), scores):
             layer, capture = self.layers[name], self.captures[name]
             fi_orig, fi_exp = fi_scores(stats)
             ratio = fi_ratio(fi_orig, fi_exp)
             rank = layer.rank
-            grow = ratio >= self.threshold and rank < self.layer_max_rank(layer)  # nan >= x is False
+            passed = ratio >= self.threshold if score is None else score.p_value <= self.alpha  # nan >= x is False
+            grow = passed and rank < self.layer_max_rank(layer)
             if grow:
                 old_A, old_B = layer.lora_A, layer.lora_B
                 layer.expand(1, K=capture.K)  # Eq. 2, the K that was scored
                 swaps[old_A], swaps[old_B] = layer.lora_A, layer.lora_B
-            decisions.append(Decision(name, rank, fi_orig, fi_exp, ratio, bool(grow)))
+            extra = () if score is None else (score.statistic, score.dof, score.p_value)
+            decisions.append(Decision(name, rank, fi_orig, fi_exp, ratio, bool(grow), *extra))
         if swaps and self.optimizer is not None:
             replace_parameters(self.optimizer, swaps)
         return decisions
+
+    def _reduce_signal(self, names: list[str], table: torch.Tensor) -> tuple[torch.Tensor, list[SignalScore]]:
+        """Pack the ``(layers, 3)`` table and every layer's signal row into one vector, reduce it once,
+        unpack, and score each layer (R and nu are invariant to a GradScaler's scale: no rescaling)."""
+        rows = []
+        for name in names:
+            layer, capture = self.layers[name], self.captures[name]
+            row = capture.signal_stats
+            if row is None:  # the layer saw no gradient in this test
+                row = torch.zeros(SIGNAL_SCALARS + layer.out_features * capture.K.shape[0])
+            rows.append(row.to(table))
+        packed = torch.cat([table.flatten(), *rows])
+        if self.reduce is not None:
+            packed = self.reduce(packed)
+        packed = packed.cpu()
+        table, rest = packed[: table.numel()].reshape(table.shape), packed[table.numel() :]
+        scores = []
+        for stats, part in zip(table, rest.split([r.numel() for r in rows])):
+            scores.append(signal_score(part, float(stats[2])))
+        return table, scores
 
     # -- resume -----------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 
 from selora.layers import LoRALinear
+from selora.signal import complement_grads, signal_row
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -106,17 +107,25 @@ class LayerCapture:
     :attr:`stats` = ``[sum_i ||dL_i/d(A,B)||^2, sum_i ||dL_i/dB_new||^2, number of samples]``.
     Several forward/backward passes (gradient accumulation) add up as more samples; forwards whose
     output never receives a gradient (e.g. recomputation under activation checkpointing) add nothing.
+    With ``signal=True`` the flush also adds :func:`selora.signal.signal_row` of the new column's
+    complement gradients (at the layer's parameters of that backward) to :attr:`signal_stats`.
     """
 
-    def __init__(self, layer: LoRALinear, K: torch.Tensor | None, loss_reduction: str = "mean") -> None:
+    def __init__(
+        self, layer: LoRALinear, K: torch.Tensor | None, loss_reduction: str = "mean", signal: bool = False
+    ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if signal and K is None:
+            raise ValueError("signal: the signal test needs candidate rows K")
         self.layer = layer
         self.K = K
         self.loss_reduction = loss_reduction
+        self.signal = signal
         self._sums: list[torch.Tensor] | None = None  # running per-sample (dA, dB, dB_new) of this pass
         self._flush_queued = False
         self.stats: torch.Tensor | None = None  # (3,)
+        self.signal_stats: torch.Tensor | None = None  # (4 + out * k,), selora.signal.signal_row summed
 
     def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Called by the layer's forward: ``x`` input, ``u = x A^T``, ``z`` branch output, ``lora_B``."""
@@ -148,6 +157,7 @@ class LayerCapture:
         """Forget everything captured so far (a skipped step); ``K`` stays."""
         self._sums = None
         self.stats = None
+        self.signal_stats = None
 
     def flush(self) -> None:
         """Square the running per-sample sums and add them to :attr:`stats` (idempotent when empty)."""
@@ -155,5 +165,9 @@ class LayerCapture:
         if self._sums is None:
             return
         stats = sample_stats(*self._sums)
+        if self.signal:
+            _, dB, dB_new = self._sums
+            row = signal_row(complement_grads(dB, dB_new, self.layer.lora_A, self.layer.lora_B, self.K))
+            self.signal_stats = row if self.signal_stats is None else self.signal_stats + row.to(self.signal_stats)
         self._sums = None
         self.stats = stats if self.stats is None else self.stats + stats.to(self.stats)

@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "Equivalence",
     "WelchTest",
+    "beta_sf",
     "mean_and_se",
     "mean_std",
     "paired_gap",
@@ -200,6 +201,17 @@ def _betainc(a: float, b: float, x: float, y: float) -> float:
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _beta_fraction(a, b, x) / a
     return 1.0 - front * _beta_fraction(b, a, y) / b
+
+
+def beta_sf(u: float, a: float, b: float) -> float:
+    """``P(X >= u)`` for ``X ~ Beta(a, b)`` (a, b > 0): ``I_{1 - u}(b, a)``; agrees with ``scipy.stats.beta.sf``."""
+    if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"beta_sf: expected finite shape parameters > 0, got a={a}, b={b}")
+    if u <= 0.0:
+        return 1.0
+    if u >= 1.0:
+        return 0.0
+    return _betainc(b, a, 1.0 - u, u)
 
 
 def _check_df(df: float) -> float:

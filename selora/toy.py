@@ -107,7 +107,7 @@ def planted_task(
 class PlantedStack(nn.Module):
     """Independent linear layers side by side: input (N, L·d) is split into L chunks of d.
 
-    ``layers[j]`` maps chunk j (N, d) to output chunk j (N, d); the output is (N, L·d). The
+    ``layers[j]`` maps chunk j (N, d) to output chunk j (N, d_out); the output is (N, L·d_out). The
     layers are registered as ``layer0``, ``layer1``, ... so ``selora.inject`` can target them.
     """
 
@@ -131,13 +131,15 @@ def planted_stack(
     noise: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    out_width: int | None = None,
 ) -> tuple[PlantedStack, Tensor, Tensor, list[Tensor]]:
-    """``len(ranks)`` independent planted tasks of width ``width`` stacked into one model.
+    """``len(ranks)`` independent planted tasks ``width -> out_width`` (default square) stacked into one model.
 
-    Returns (model with frozen ``nn.Linear`` layers, x (N, L·width), y (N, L·width), deltas).
+    Returns (model with frozen ``nn.Linear`` layers, x (N, L·width), y (N, L·out_width), deltas).
     """
+    out = width if out_width is None else out_width
     tasks = [
-        planted_task(width, width, r, n, noise=noise, seed=seed + 1000 * j, dtype=dtype) for j, r in enumerate(ranks)
+        planted_task(width, out, r, n, noise=noise, seed=seed + 1000 * j, dtype=dtype) for j, r in enumerate(ranks)
     ]
     model = PlantedStack([t.base for t in tasks], width)
     return (model, torch.cat([t.x for t in tasks], -1), torch.cat([t.y for t in tasks], -1), [t.delta for t in tasks])
@@ -300,20 +302,24 @@ def planted_run(
     batch_size: int = 64,
     seed: int = 0,
     init: Callable[[nn.Module], Callable] | None = None,
+    out_width: int | None = None,
+    criterion: str = "fi-ratio",
+    alpha: float = 0.001,
+    window: int = 1,
 ) -> PlantedRun:
-    """Train adapters on a :func:`planted_stack` with planted ranks ``planted``.
+    """Train adapters on a :func:`planted_stack` with planted ranks ``planted`` (layers ``width -> out_width``).
 
     ``kind="selora"``: every layer starts at rank ``rank`` and an ExpansionController
-    (``threshold``, ``interval``, ``max_rank``) grows it. ``kind="lora"``: fixed ranks, ``rank``
-    an int or one rank per layer. ``init(layer)`` may return a row initialiser for K
-    (``selora.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
+    (``threshold``, ``interval``, ``max_rank``, ``criterion``, ``alpha``, ``window``) grows it.
+    ``kind="lora"``: fixed ranks, ``rank`` an int or one rank per layer. ``init(layer)`` may return
+    a row initialiser for K (``selora.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
     """
     from selora.expansion import ExpansionController
     from selora.layers import LoRALinear, SeLoRALinear, num_trainable, trainable_parameters
 
     if kind not in ("selora", "lora"):
         raise ValueError(f"kind={kind!r}: expected 'selora' or 'lora'")
-    model, x, y, _ = planted_stack(planted, width, n, noise=noise, seed=seed)
+    model, x, y, _ = planted_stack(planted, width, n, noise=noise, seed=seed, out_width=out_width)
     per_layer = [rank] * len(planted) if isinstance(rank, int) else list(rank)
     if len(per_layer) != len(planted):
         raise ValueError(f"rank: expected {len(planted)} ranks, got {len(per_layer)}")
@@ -335,6 +341,9 @@ def planted_run(
             interval=interval,
             max_rank=max_rank,
             generator=torch.Generator().manual_seed(seed + 1),
+            criterion=criterion,
+            alpha=alpha,
+            window=window,
         )
     test_steps, ranks = [0], {name: [layer.rank] for name, layer in layers.items()}
 

@@ -72,3 +72,30 @@ def test_chapter_is_committed_executed_and_clean(path):
     assert not paths, f"{path.name}: outputs name machine paths, e.g. {paths[:2]}"
     setup_out = "".join("".join(o.get("text", "")) for o in code[0].get("outputs", []))
     assert "profile: offline" in setup_out, f"{path.name}: committed outputs are not from the offline profile"
+
+
+#: Output text of a library's loading progress bar or a notice that belongs fixed at its source.
+NOISE = re.compile(r"Loading[\s\u2007]+(?:pipeline|weights)|requires torchvision|FutureWarning|DeprecationWarning")
+
+
+def test_every_chapter_was_executed_with_one_setting():
+    """One recorded setting (profile, threads, versions; scripts/execute_notebooks.py writes it) for the whole book."""
+    records = {
+        p.name: json.loads(p.read_text(encoding="utf-8"))["metadata"].get("selora", {}).get("executed_with")
+        for p in NOTEBOOKS
+    }
+    missing = [name for name, r in records.items() if r is None]
+    assert not missing, f"executed without a recorded setting (re-run scripts/execute_notebooks.py): {missing}"
+    distinct = {json.dumps(r, sort_keys=True) for r in records.values()}
+    assert len(distinct) == 1, f"chapters executed with different settings: {sorted(distinct)}"
+    record = next(iter(records.values()))
+    assert (record["profile"], record["threads"]) == ("offline", 1), record
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_library_noise_in_stored_outputs(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    stored = [c.get("outputs", []) for c in nb["cells"]], nb["metadata"].get("widgets", {})
+    text = json.dumps(stored, ensure_ascii=False)
+    found = sorted(set(NOISE.findall(text)))
+    assert not found, f"{path.name}: stored outputs carry {found} (fix at the source)"

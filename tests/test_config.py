@@ -27,7 +27,7 @@ DEFAULTS = TrainConfig().to_dict()
 
 
 def test_every_key_has_help_and_a_default_of_its_declared_type():
-    assert len(KEYS) == 35 and KEYS == tuple(DEFAULTS)
+    assert len(KEYS) == 38 and KEYS == tuple(DEFAULTS)
     assert "source" not in KEYS and "overrides" not in KEYS
     for f in config_fields():
         assert f.metadata["help"].strip(), f"{f.name}: no help text"

@@ -39,6 +39,9 @@ class MethodConfig(Protocol):
     interval: int
     max_rank: int | None
     seed: int
+    criterion: str
+    signal_alpha: float
+    signal_window: int
 
 
 #: A preset, a list of names/regexes (see :func:`selora.inject`), or ``{submodule: those}`` to give
