@@ -89,6 +89,11 @@ STDERR_JS = "() => document.querySelectorAll('.cell_output .output.stderr').leng
 
 # A markdown table that reached the page as text (e.g. a text/markdown output rendered as
 # CommonMark, which has no tables): a paragraph of a cell output holding a "|---|" delimiter row.
+# Code cells (inputs) wider than their column: the reader would have to scroll sideways to read them.
+WIDE_CODE_JS = """() => [...document.querySelectorAll('div.cell_input pre')]
+  .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+  .map(pre => pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80))"""
+
 RAW_TABLE_JS = """() => [...document.querySelectorAll('.cell_output p')]
   .filter(p => /\\|\\s*:?-{3,}:?\\s*\\|/.test(p.textContent))
   .map(p => p.textContent.replace(/\\s+/g, ' ').trim().slice(0, 80))"""
@@ -400,13 +405,14 @@ def link_problems(
 
 def content_problems(tab: Page) -> list[tuple[str, str]]:
     """(kind, detail) of what reads wrong on a loaded page: cell error outputs, tables shown as
-    text, math (waits for MathJax to finish: MathJax errors, untypeset formulas), raw TeX and frame
-    sliders that do not change their image when moved."""
+    text, math (waits for MathJax to finish: MathJax errors, untypeset formulas), raw TeX, frame
+    sliders that do not change their image when moved, and code cells wider than their column."""
     found = [("cell error output", line[:300]) for line in tab.evaluate(CELL_ERROR_JS)]
     found += [("raw markdown table", f"a cell output shows a table as text: {t}") for t in tab.evaluate(RAW_TABLE_JS)]
     found += [(kind, detail[:300]) for kind, detail in tab.evaluate(MATH_JS, MATH_TIMEOUT_MS)]
     found += [("raw TeX", f"the page shows TeX source as text: {t}") for t in tab.evaluate(RAW_TEX_JS)]
     found += [("frame slider", detail) for detail in tab.evaluate(SLIDERS_JS)]
+    found += [("code wider than the page", f"scroll sideways to read: {t}") for t in tab.evaluate(WIDE_CODE_JS)]
     return found
 
 

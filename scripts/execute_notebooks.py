@@ -74,6 +74,7 @@ def execute(path: Path, timeout: int | None = None) -> float:
     """Run ``path`` in place (cell timeout: ``timeout`` or the profile's :data:`CELL_TIMEOUT`); return seconds."""
     sync(path)
     nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("widgets", None)  # a previous run's widget state; this run stores its own, if any
     os.environ.setdefault("SELORA_PROFILE", "offline")
     os.environ.setdefault("SELORA_THREADS", "1")  # as `make test` runs them (see Makefile)
     if timeout is None:

@@ -121,6 +121,10 @@ BAD_PAGES = {
     "cdn-mathjax": math_section(formula("x^2"), src="https://cdn.example.invalid/mathjax/tex-chtml.js"),
     "control-char": "<p>This page renders fine; its source has a backspace and a tab in markdown.</p>",
     "dead-slider": SLIDER + DEAD_SLIDER,
+    "wide-code": '<div class="cell_input"><pre style="width: 20em; white-space: pre; overflow-x: auto">short = 1\n'
+    + "long_name = some_function(first_argument, second_argument, third_argument, fourth_argument)</pre></div>"
+    '<div class="cell_input"><pre style="width: 20em; white-space: pre-wrap">wrapped = some_function(first_argument, '
+    "second_argument, third_argument, fourth_argument)</pre></div>",
 }
 # Chapter sources (the toc's paths under the toc's folder); every other page gets a clean .md.
 CONTROL_CHAR_NOTEBOOK = {
@@ -156,6 +160,8 @@ EXPECTED_BAD = sorted(
         "PROBLEM book/control-char: control character: control-char.ipynb markdown cell 1: U+0009 tab, "
         "a Python '\\t' (\\tau, \\theta, \\times, \\text, \\top?) in '\\x08egin{pmatrix} \\tau \\\\end{pmatrix'",
         "PROBLEM book/dead-slider: frame slider: slider 2 of 2: moving it from 1 to 3 does not change the image",
+        "PROBLEM book/wide-code: code wider than the page: scroll sideways to read: "
+        "long_name = some_function(first_argument, second_argument, third_argument, fourt",
     ]
 )
 
@@ -215,7 +221,7 @@ def test_reports_exactly_the_planted_problems(tmp_path: Path, chromium: str) -> 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     problems = sorted(line for line in proc.stdout.splitlines() if line.startswith("PROBLEM "))
     assert problems == EXPECTED_BAD, proc.stdout
-    assert "FAILED: 19 problem(s) on 13 of 15 page(s)" in proc.stdout
+    assert "FAILED: 20 problem(s) on 14 of 16 page(s)" in proc.stdout
     table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("book/")}
     assert table["book/good"] == "ok" and table["book/other"] == "ok"
     assert table["book/error"] == "FAIL" and table["book/missing"] == "FAIL"
