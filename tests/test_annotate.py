@@ -32,6 +32,6 @@ def test_show_source_is_a_captioned_markdown_code_block():
 
 
 def test_a_decorated_method_shows_its_own_file():
-    """``SeLoRALinear.expand`` runs under ``torch.no_grad()``: the block is from selora/layers.py, not torch's wrapper."""
+    """``SeLoRALinear.expand`` runs under ``torch.no_grad()``: its block is from selora/layers.py, not the wrapper."""
     block = annotate.source_block(SeLoRALinear.expand, "new_A = torch.cat", "self.lora_B = nn.Parameter")
     assert block.where.startswith("selora/layers.py, lines ") and block.code.startswith("new_A = torch.cat")
