@@ -66,6 +66,11 @@ class TrainConfig:
     data_root: str | None = option(None, "folder holding the data set (null: phantom / download)")
     split_seed: int = option(0, "seed of the train/test split", minimum=0)
     eval_split: str = option("test", "held-out split evaluated after each epoch", choices=("test", "validation"))
+    validation_fraction: float = option(
+        0.0,
+        "Montgomery: share of the training scans held out for eval_split=validation (0: the paper's 80/20)",
+        minimum=0,
+    )
     resolution: int = option(64, "image side in pixels", minimum=8)
     # adapters
     method: str = option("selora", "adapter method (see selora.methods.METHODS)", choices=tuple(METHODS))
@@ -249,8 +254,17 @@ def _check_rules(cfg: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: key 'data_root': IU X-ray has no downloader; set it to the folder holding the set")
     if cfg.dataset == "iuxray" and cfg.eval_split != "validation":
         raise ConfigError(f"{where}: key 'eval_split': IU X-ray selects the best epoch on 'validation'")
-    if cfg.dataset != "iuxray" and cfg.eval_split != "test":
-        raise ConfigError(f"{where}: key 'eval_split': Montgomery has no validation split (paper: 80/20); use 'test'")
+    if cfg.dataset == "iuxray" and cfg.validation_fraction:
+        raise ConfigError(f"{where}: key 'validation_fraction': IU X-ray has its own validation split; leave it 0")
+    if not cfg.validation_fraction < 1:
+        raise ConfigError(
+            f"{where}: key 'validation_fraction': expected a share below 1, got {cfg.validation_fraction}"
+        )
+    if cfg.dataset != "iuxray" and (cfg.eval_split == "validation") != (cfg.validation_fraction > 0):
+        raise ConfigError(
+            f"{where}: key 'eval_split': Montgomery has a validation split only with validation_fraction > 0 "
+            f"(the paper's 80/20 has none); got {cfg.eval_split!r} with validation_fraction={cfg.validation_fraction}"
+        )
     try:
         METHODS[cfg.method].check_config(cfg)
     except ValueError as err:

@@ -51,11 +51,12 @@ class Evaluator:
         self.metrics = dict(default_metrics(trainer.cfg) if metrics is None else metrics)
 
     @torch.no_grad()
-    def eval_loss(self) -> float:
-        """Held-out MSE against the :func:`~selora.diffusion.loss_target` (eps or v) with fixed
-        noise/timesteps (same draw every evaluation)."""
+    def eval_loss(self, data: Any = None) -> float:
+        """Held-out MSE on ``data`` (default the eval split, ``trainer.eval``) against the
+        :func:`~selora.diffusion.loss_target` (eps or v) with fixed noise/timesteps (same draw every evaluation)."""
         tr = self.trainer
-        data, g, dist = tr.eval, torch.Generator().manual_seed(tr.cfg.seed + 2), tr.dist
+        data = tr.eval if data is None else data
+        g, dist = torch.Generator().manual_seed(tr.cfg.seed + 2), tr.dist
         n = len(data)
         eps_latent = torch.randn(data.mean.shape, generator=g)
         noise = torch.randn(data.mean.shape, generator=g)
@@ -92,6 +93,7 @@ class Evaluator:
             "step": at.step,
             "epoch": at.epoch,
             "eval_loss": self.eval_loss(),
+            **({} if tr.test is None else {"test_loss": self.eval_loss(tr.test)}),  # eval split != test
             "total_rank": tr.total_rank(),
             **tr.parameter_counts(),
         }

@@ -31,6 +31,8 @@ from selora.paths import ASSETS_DIR
 RESULTS_DIR = ASSETS_DIR / "results"
 SAMPLES = "test-samples.safetensors"
 RANK_TOTALS = "total-rank.json"  # published per run: [[step, total rank], ...] after every expansion test
+EVAL_CURVE = "eval-curve.json"  # published per run (when it logged any): its evaluation records' losses
+EVAL_KEYS = ("step", "epoch", "eval_loss", "test_loss")
 _COPIED = ("results.json", "results.md")
 
 
@@ -77,6 +79,14 @@ class Experiment:
         pairs = json.loads(path.read_text(encoding="utf-8"))
         return [s for s, _ in pairs], [r for _, r in pairs]
 
+    def eval_curve(self, method: str, seed: int) -> list[dict[str, float]]:
+        """One run's evaluations in order: ``{"step", "epoch", "eval_loss"}`` (the loss on the split
+        the best epoch is chosen on) and ``"test_loss"`` when that split was not the test split."""
+        path = self.root / self.run(method, seed)["run_dir"] / EVAL_CURVE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (published before eval curves were; publish it again)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def per_seed(self, method: str, key: str) -> dict[int, float]:
         """``{seed: value}`` over the runs of ``method``: a metric (``r["metrics"][key]``) or a run
         number such as ``total_rank``, ``trainable``, ``train_seconds``; KeyError naming what exists."""
@@ -114,7 +124,8 @@ def load(name: str | Path) -> Experiment:
 
 def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_DIR) -> Path:
     """Copy ``results.json``, ``results.md`` and every run's test images into ``dest_root/name``,
-    with each run's total rank after every expansion test (``total-rank.json``, from its rank history).
+    with each run's total rank after every expansion test (``total-rank.json``, from its rank history)
+    and its evaluation losses (``eval-curve.json``, from its ``metrics.jsonl`` when there is one).
 
     The destination is replaced as a whole (never half-written). Runs without ``ranks`` in their
     record (an experiment made before ranks were recorded) are an error, since chapters need them.
@@ -139,6 +150,11 @@ def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_D
             records = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines()]
             totals = [[rec["step"], sum(rec["ranks"].values())] for rec in records]
             (tmp / r["run_dir"] / RANK_TOTALS).write_text(json.dumps(totals), encoding="utf-8")
+            log = src.root / r["run_dir"] / "metrics.jsonl"
+            if log.is_file():
+                evals = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+                curve = [{k: e[k] for k in EVAL_KEYS if k in e} for e in evals if e.get("kind") == "eval"]
+                (tmp / r["run_dir"] / EVAL_CURVE).write_text(json.dumps(curve), encoding="utf-8")
     return dest
 
 

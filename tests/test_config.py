@@ -27,7 +27,7 @@ DEFAULTS = TrainConfig().to_dict()
 
 
 def test_every_key_has_help_and_a_default_of_its_declared_type():
-    assert len(KEYS) == 38 and KEYS == tuple(DEFAULTS)
+    assert len(KEYS) == 39 and KEYS == tuple(DEFAULTS)
     assert "source" not in KEYS and "overrides" not in KEYS
     for f in config_fields():
         assert f.metadata["help"].strip(), f"{f.name}: no help text"
@@ -93,7 +93,7 @@ def test_config_by_path_and_unknown_name(tmp_path):
         ("method: adalora\nlora_rank: 7\n", "key 'lora_rank': AdaLoRA prunes from rank 6"),
         ("unet_targets: []\n", "key 'unet_targets': expected a non-empty list of strings"),
         ("prompt_dropout: 1.5\n", "key 'prompt_dropout': expected a probability"),
-        ("eval_split: validation\n", "Montgomery has no validation split"),
+        ("eval_split: validation\n", "Montgomery has a validation split only with validation_fraction > 0"),
         ("data_root: does/not/exist\n", "key 'data_root': no such folder"),
         ("model: no/such/pipeline\n", "key 'model': expected mini-sd or sd-v1-5 or a diffusers pipeline folder"),
         ("debug_nan_steps: [0]\n", "key 'debug_nan_steps': expected a list of int >= 1"),
@@ -201,3 +201,18 @@ def test_method_check_names_the_key_and_the_source():
     assert "expected lora_rank <= 6, got 7" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match=r"load_config\(base=\.\.\.\): key 'seed': expected int, got str 'x'"):
         load_config(base={"seed": "x"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval_split=validation"], "Montgomery has a validation split only with validation_fraction > 0"),
+        (["validation_fraction=0.2"], "got 'test' with validation_fraction=0.2"),
+        (["eval_split=validation", "validation_fraction=1.0"], "key 'validation_fraction': expected a share below 1"),
+    ],
+)
+def test_a_montgomery_validation_split_needs_its_share(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("montgomery-offline", overrides)
+    cfg = load_config("montgomery-offline", ["eval_split=validation", "validation_fraction=0.2"])
+    assert (cfg.eval_split, cfg.validation_fraction) == ("validation", 0.2)

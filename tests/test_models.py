@@ -243,12 +243,20 @@ def test_importing_the_loader_prints_nothing():
 
 
 def test_a_local_load_shows_no_loading_bars_and_restores_the_libraries_settings(capsys):
-    """Loading the shipped model takes seconds: no diffusers/transformers bar in a chapter's output;
-    each library's own progress-bar setting is as before afterwards."""
+    """Loading the shipped model takes seconds: no diffusers/transformers bar in a chapter's output,
+    even with both libraries' bars switched on; each library's own setting is as before afterwards."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    load_pipeline("mini-sd", device="cpu")
-    err = capsys.readouterr().err
-    assert "Loading" not in err and "it/s" not in err, err[-300:]
-    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    libraries = (diffusers_logging, transformers_logging)
+    before = [lib.is_progress_bar_enabled() for lib in libraries]
+    try:
+        for lib in libraries:
+            lib.enable_progress_bar()
+        load_pipeline("mini-sd", device="cpu")
+        err = capsys.readouterr().err
+        assert "Loading" not in err and "it/s" not in err, err[-300:]
+        assert all(lib.is_progress_bar_enabled() for lib in libraries), "a library's bars were left off"
+    finally:
+        for lib, was in zip(libraries, before):
+            (lib.enable_progress_bar if was else lib.disable_progress_bar)()

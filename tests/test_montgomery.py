@@ -441,3 +441,21 @@ def test_montgomery_root_offline_builds_phantom_once(tmp_path, monkeypatch):
     stamp = (root / "MontgomerySet/CXR_png").stat().st_mtime_ns
     assert montgomery_root("offline", phantom_size=(48, 58)) == root
     assert (root / "MontgomerySet/CXR_png").stat().st_mtime_ns == stamp
+
+
+def test_a_validation_split_is_carved_from_the_training_scans(phantom):
+    """validation > 0 moves about that share of the TRAINING scans (whole patients) to a validation
+    split; the test split is the paper's, unchanged."""
+    cases = scan(phantom)
+    plain, carved = split_indices(cases, seed=3), split_indices(cases, seed=3, validation=0.25)
+    assert carved["test"] == plain["test"]
+    assert sorted(carved["train"] + carved["validation"]) == plain["train"]
+    assert not set(carved["train"]) & set(carved["validation"])
+    assert abs(len(carved["validation"]) - 0.25 * len(plain["train"])) <= 2  # whole patients move
+    patients = patient_groups(cases)
+    for a, b in (("train", "validation"), ("validation", "test")):
+        assert not {patients[i] for i in carved[a]} & {patients[i] for i in carved[b]}, f"a patient in {a} and {b}"
+    ds = MontgomeryDataset(phantom, "validation", size=16, seed=3, validation=0.25, cache=False)
+    assert [c.case_id for c in ds.cases] == [cases[i].case_id for i in carved["validation"]]
+    with pytest.raises(DataError, match="split='validation': expected one of train, test, all"):
+        MontgomeryDataset(phantom, "validation", size=16, cache=False)

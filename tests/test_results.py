@@ -29,6 +29,12 @@ def _fake_experiment(root, with_ranks=True):
             {"step": 20, "ranks": {"unet.a": 3, "unet.b": 2 + seed}},
         ]
         (run_dir / "rank_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        if method == "selora":  # a run that logged evaluations (with the test loss: chosen on validation)
+            log = [
+                {"kind": "train", "step": 5, "loss": 0.3},
+                {"kind": "eval", "step": 10, "epoch": 1, "eval_loss": 0.2, "test_loss": 0.25, "samples": "x.png"},
+            ]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         pixels = torch.full((3, 1, 4, 4), 10 * (seed + len(method)), dtype=torch.uint8)
         save_file({"images": pixels}, str(run_dir / results.SAMPLES))
         record = {"method": method, "seed": seed, "run_dir": f"runs/{run_dir.name}", "metrics": {"fid_proxy": 1.0}}
@@ -49,6 +55,7 @@ def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
         "results.md",
         "runs/lora-seed0/test-samples.safetensors",
         "runs/lora-seed0/total-rank.json",
+        "runs/selora-seed0/eval-curve.json",
         "runs/selora-seed0/test-samples.safetensors",
         "runs/selora-seed0/total-rank.json",
     ]
@@ -59,6 +66,9 @@ def test_publish_copies_only_results_and_samples_and_load_reads_them(tmp_path):
     assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32
     assert torch.allclose(images, torch.full_like(images, 60 / 127.5 - 1))
     assert exp.total_rank_history("selora", 0) == ([0, 10, 20], [2, 3, 5])
+    assert exp.eval_curve("selora", 0) == [{"step": 10, "epoch": 1, "eval_loss": 0.2, "test_loss": 0.25}]
+    with pytest.raises(FileNotFoundError, match="eval-curve.json: missing"):
+        exp.eval_curve("lora", 0)
     with pytest.raises(KeyError, match="no run \\('dylora', 0\\)"):
         exp.run("dylora", 0)
 

@@ -392,3 +392,17 @@ def test_adalora_target_rank_above_its_initial_rank_is_rejected(assets, tmp_path
     assert main(["--config", "montgomery-offline", "--out", str(tmp_path / "run"), *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "key 'lora_rank': AdaLoRA prunes from rank 6" in err[0], err
+
+
+def test_choosing_the_epoch_on_a_validation_split_logs_the_test_loss_too(assets, tmp_path):
+    """With eval_split=validation every evaluation records the validation loss (which picks the best
+    epoch) and the test loss, so what choosing on the test split would gain can be measured."""
+    run = tmp_path / "run"
+    cfg = tiny_config(assets, eval_split="validation", validation_fraction=0.25, num_samples=0)
+    Trainer(cfg, run, progress=False).run()
+    evals = read_records(run)["eval"]
+    assert evals and all(e["eval_loss"] > 0 and e["test_loss"] > 0 for e in evals)
+    assert all(e["eval_loss"] != e["test_loss"] for e in evals), "the two splits' losses are not distinct"
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(assets, num_samples=0, epochs=1), plain, progress=False).run()
+    assert all("test_loss" not in e for e in read_records(plain)["eval"]), "choosing on test logs it once"

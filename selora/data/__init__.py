@@ -85,7 +85,7 @@ def open_dataset(cfg: TrainConfig, split: str) -> Dataset:
     root = cfg.data_root
     if root is None:
         root = montgomery_root("offline" if cfg.dataset == "montgomery-phantom" else "paper")
-    return MontgomeryDataset(root, split, size=cfg.resolution, seed=cfg.split_seed)
+    return MontgomeryDataset(root, split, size=cfg.resolution, seed=cfg.split_seed, validation=cfg.validation_fraction)
 
 
 def split_prompts(cfg: TrainConfig, split: str) -> list[str]:

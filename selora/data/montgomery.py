@@ -210,13 +210,32 @@ def patient_groups(cases: Sequence[Case]) -> list[str]:
     return [find(c.case_id) for c in cases]
 
 
-def split_indices(cases: Sequence[Case], seed: int = 0) -> dict[str, list[int]]:
-    """80/20 train/test, stratified normal/abnormal, grouped by patient, deterministic in ``seed``."""
-    return grouped_split(patient_groups(cases), SPLITS, seed, strata=[c.abnormal for c in cases])
+def split_indices(cases: Sequence[Case], seed: int = 0, validation: float = 0.0) -> dict[str, list[int]]:
+    """80/20 train/test, stratified normal/abnormal, grouped by patient, deterministic in ``seed``.
+
+    ``validation`` > 0 carves that share of the TRAINING scans into a ``validation`` split (same
+    grouping and strata); the test split is the same as without it.
+    """
+    groups, strata = patient_groups(cases), [c.abnormal for c in cases]
+    splits = grouped_split(groups, SPLITS, seed, strata=strata)
+    if validation <= 0:
+        return splits
+    train = splits["train"]
+    sub = grouped_split(
+        [groups[i] for i in train],
+        {"train": 1 - validation, "validation": validation},
+        seed,
+        [strata[i] for i in train],
+    )
+    return {
+        "train": [train[j] for j in sub["train"]],
+        "validation": [train[j] for j in sub["validation"]],
+        "test": splits["test"],
+    }
 
 
 class MontgomeryDataset(Dataset):
-    """Map-style Montgomery data set.
+    """Map-style Montgomery data set (splits of :func:`split_indices`; ``validation``: its share).
 
     ``ds[i]`` = ``{"image": (1, size, size) float in [-1, 1], "prompt": str, "case_id": str,
     "abnormal": bool}``. Images are resized (shortest side -> size) and centre-cropped once and
@@ -232,11 +251,13 @@ class MontgomeryDataset(Dataset):
         seed: int = 0,
         cache: bool = True,
         cache_dir: Path | str | None = None,
+        validation: float = 0.0,
     ) -> None:
-        if split not in (*SPLITS, "all"):
-            raise DataError(f"split={split!r}: expected one of {', '.join((*SPLITS, 'all'))}")
+        names = (*SPLITS, *(("validation",) if validation > 0 else ()), "all")
+        if split not in names:
+            raise DataError(f"split={split!r}: expected one of {', '.join(names)} (validation needs validation > 0)")
         all_cases = scan(Path(root))
-        self.keep = list(range(len(all_cases))) if split == "all" else split_indices(all_cases, seed)[split]
+        self.keep = list(range(len(all_cases))) if split == "all" else split_indices(all_cases, seed, validation)[split]
         self.cases = [all_cases[i] for i in self.keep]
         # One stack for all cases, so train and test share a single cache file.
         self.pixels = ImageStack([c.image for c in all_cases], size, "montgomery", cache, cache_dir)
