@@ -121,10 +121,8 @@ class Trainer:
         self.eval = encode_split(
             open_dataset(cfg, cfg.eval_split), vae, tok, cfg.num_workers, f"{tag}-{cfg.eval_split}", keep_images=True
         )
-        # choosing the best epoch on another split: the test loss is logged too (what would choosing on test gain?)
-        self.test = (
-            None if cfg.eval_split == "test" else encode_split(open_dataset(cfg, "test"), vae, tok, 0, f"{tag}-test")
-        )
+        other = cfg.eval_split != "test"  # the best epoch chosen on another split: log the test loss too
+        self.test = encode_split(open_dataset(cfg, "test"), vae, tok, 0, f"{tag}-test") if other else None
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size={cfg.batch_size}: larger than the {len(self.train)} training images")

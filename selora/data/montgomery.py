@@ -34,7 +34,6 @@ non-PNG file is named on its own line and the exit status is 2; 0 with a summary
 from __future__ import annotations
 
 import argparse
-import codecs
 import os
 import re
 import sys
@@ -49,7 +48,8 @@ from selora.data.archive import Opener, check_zip, download, open_url, safe_extr
 from selora.data.cache import ImageStack
 from selora.data.errors import ChecksumMismatch, DataError, DownloadFailed
 from selora.data.images import check_images, read_gray
-from selora.data.split import grouped_split
+from selora.data.readings import decode_readings
+from selora.data.split import carve, grouped_split
 
 URLS = (
     "https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip",
@@ -113,7 +113,7 @@ def parse_readings(path: Path) -> tuple[str, int, str, str | None]:
     """Parse a ``ClinicalReadings`` file into (sex, age in years, findings, same-patient id or None).
 
     Tolerates trailing spaces, blank and extra lines (joined into the findings), sex ``O``, a
-    byte-order mark (UTF-8 or UTF-16) and text that is not UTF-8 (see :func:`decode_readings`).
+    byte-order mark (UTF-8 or UTF-16) and text that is not UTF-8 (see :func:`selora.data.readings.decode_readings`).
     """
     text = decode_readings(path, path.read_bytes())
     sex = SEX_RE.search(text)
@@ -131,30 +131,6 @@ def parse_readings(path: Path) -> tuple[str, int, str, str | None]:
         raise DataError(f"{path}: empty findings; expected a third line such as 'normal'")
     same = SAME_RE.search(findings)
     return sex.group(1)[0].upper(), years, findings, same.group(1).upper() if same else None
-
-
-def decode_readings(path: Path, raw: bytes) -> str:
-    """The text of a readings file: UTF-8 (a BOM is skipped), UTF-16 with a BOM, or else Windows-1252.
-
-    Text that is not UTF-8 is decoded as Windows-1252 (every byte becomes a character; the five
-    it leaves undefined become U+FFFD) with a warning naming the file and the first bad byte,
-    since a wrong guess could change a prompt.
-    """
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        try:
-            return raw.decode("utf-16")
-        except UnicodeDecodeError:
-            pass  # not UTF-16 after all: the tolerant route below
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = skip + err.start
-        warnings.warn(
-            f"{path}: not UTF-8 (byte 0x{raw[at]:02x} at offset {at}); decoded as Windows-1252, check its prompt",
-            stacklevel=3,
-        )
-        return raw[skip:].decode("cp1252", errors="replace")
 
 
 def data_dir(root: Path) -> Path:
@@ -211,27 +187,11 @@ def patient_groups(cases: Sequence[Case]) -> list[str]:
 
 
 def split_indices(cases: Sequence[Case], seed: int = 0, validation: float = 0.0) -> dict[str, list[int]]:
-    """80/20 train/test, stratified normal/abnormal, grouped by patient, deterministic in ``seed``.
-
-    ``validation`` > 0 carves that share of the TRAINING scans into a ``validation`` split (same
-    grouping and strata); the test split is the same as without it.
-    """
+    """80/20 train/test, stratified normal/abnormal, grouped by patient, deterministic in ``seed``;
+    ``validation`` > 0 carves that share of the TRAINING scans into a ``validation`` split (:func:`carve`)."""
     groups, strata = patient_groups(cases), [c.abnormal for c in cases]
     splits = grouped_split(groups, SPLITS, seed, strata=strata)
-    if validation <= 0:
-        return splits
-    train = splits["train"]
-    sub = grouped_split(
-        [groups[i] for i in train],
-        {"train": 1 - validation, "validation": validation},
-        seed,
-        [strata[i] for i in train],
-    )
-    return {
-        "train": [train[j] for j in sub["train"]],
-        "validation": [train[j] for j in sub["validation"]],
-        "test": splits["test"],
-    }
+    return carve(splits, "train", "validation", validation, groups, strata, seed) if validation > 0 else splits
 
 
 class MontgomeryDataset(Dataset):

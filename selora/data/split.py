@@ -51,3 +51,19 @@ def grouped_split(
             out[split].extend(members[g])
             count[split] += len(members[g])
     return {k: sorted(v) for k, v in out.items()}
+
+
+def carve(
+    splits: Mapping[str, list[int]],
+    source: str,
+    name: str,
+    share: float,
+    groups: Sequence[Hashable],
+    strata: Sequence[Hashable],
+    seed: int,
+) -> dict[str, list[int]]:
+    """``splits`` with ``share`` of split ``source``'s items moved to a new split ``name`` by
+    :func:`grouped_split` on those items (same groups and strata); every other split is unchanged."""
+    items = splits[source]
+    sub = grouped_split([groups[i] for i in items], {source: 1 - share, name: share}, seed, [strata[i] for i in items])
+    return {**splits, source: [items[j] for j in sub[source]], name: [items[j] for j in sub[name]]}
