@@ -13,7 +13,10 @@ import torch
 
 from selora import paper
 from selora.config import TrainConfig, config_path, load_config, read_config_file
+from selora.inject import select_linear
+from selora.models import load_pipeline
 from selora.params import lora_count
+from selora.report import module_kind
 from selora.sd15 import SD15_BLOCK_OUT, SD15_TEXT_WIDTH, build_sd15_modules
 
 #: Candidate readings of "the layers the paper adapted" (presets by name, the rest as module-name regexes).
@@ -67,3 +70,21 @@ def test_the_paper_configs_adapt_the_paper_presets():
         assert (cfg.unet_targets, cfg.text_encoder_targets) == ("paper-unet", "paper-text-encoder")
     iuxray = read_config_file(config_path("iuxray-paper"))  # needs a data_root to validate: read the file
     assert not {"unet_targets", "text_encoder_targets"} & set(iuxray), "iuxray-paper overrides the paper's targets"
+
+
+def _adapted_kinds(unet, text_encoder, cfg) -> set[str]:
+    """The roles (:func:`selora.report.module_kind`) of the layers ``cfg``'s targets select in both models."""
+    unet_names = select_linear(unet, cfg.unet_targets)
+    text_names = select_linear(text_encoder, cfg.text_encoder_targets)
+    return {module_kind(n) for n in unet_names} | {module_kind(f"text_encoder.{n}") for n in text_names}
+
+
+def test_the_offline_profile_adapts_the_layer_kinds_the_paper_profile_adapts_in_sd15(sd15_shapes):
+    pipe = load_pipeline("mini-sd")
+    offline = _adapted_kinds(pipe.unet, pipe.text_encoder, load_config("montgomery-offline"))
+    paper_kinds = _adapted_kinds(*sd15_shapes, load_config("montgomery-paper"))
+    assert offline == paper_kinds, f"offline adapts {sorted(offline)}, the paper profile {sorted(paper_kinds)}"
+    every_linear = _adapted_kinds(
+        pipe.unet, pipe.text_encoder, TrainConfig(unet_targets="all-linear", text_encoder_targets="all-linear")
+    )
+    assert "proj in/out" in every_linear - offline, "the mini SD's linear proj_in/out stay unadapted"
