@@ -16,21 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TAG = "setup"
 
 TEMPLATE = """\
-# Setup (identical in every chapter; written by scripts/setup_cell.py from _config.yml).
-# On Colab this installs selora from the repository; with a GPU runtime the profile is "paper".
+# Setup: the same first cell in every chapter (scripts/setup_cell.py).
+# On Colab it installs selora; with a GPU runtime the profile is "paper".
 import os, subprocess, sys
 
 if "google.colab" in sys.modules:
+    SOURCE = "git+{url}@{branch}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "selora[colab] @ git+{url}@{branch}"], check=True)
-    # Runs, downloads and latents live in SELORA_CACHE. A Colab runtime forgets its disk: to keep
-    # them (and resume Table 1) across sessions, uncomment the next two lines (Google Drive).
+                    f"selora[colab] @ {{SOURCE}}"], check=True)
+    # Runs, downloads and latents live in SELORA_CACHE; a Colab runtime
+    # forgets its disk. To keep them (and resume Table 1) across sessions,
+    # uncomment the next two lines (Google Drive):
     # from google.colab import drive; drive.mount("/content/drive")
     # os.environ["SELORA_CACHE"] = "/content/drive/MyDrive/selora-cache"
 
 import selora
 
-SETUP = selora.setup(seed=0)  # seeds python/numpy/torch, sets threads, prints profile and versions
+# seeds python/numpy/torch, sets threads, prints profile and versions
+SETUP = selora.setup(seed=0)
 PROFILE = SETUP["profile"]"""
 
 

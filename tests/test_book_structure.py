@@ -99,3 +99,21 @@ def test_no_library_noise_in_stored_outputs(path):
     text = json.dumps(stored, ensure_ascii=False)
     found = sorted(set(NOISE.findall(text)))
     assert not found, f"{path.name}: stored outputs carry {found} (fix at the source)"
+
+
+#: Characters of code the rendered column shows without a scroll bar (measured at 1280 px; the render
+#: check, scripts/check_rendered_book.py, measures the page itself).
+CODE_COLUMNS = 78
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_cells_fit_the_column(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    wide = [
+        f"cell {i}: {line[:40]}…"
+        for i, cell in enumerate(nb["cells"])
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if len(line) > CODE_COLUMNS
+    ]
+    assert not wide, f"{path.name}: {len(wide)} code line(s) over {CODE_COLUMNS} characters, e.g. {wide[:3]}"
