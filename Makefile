@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test-unit: $(STAMP) data
-	$(PY) -m pytest tests/ -q
+	$(PY) -m pytest tests/ -q --durations=15
 
 test-book: $(STAMP) data
 	$(PY) -m pytest --nbval-lax book/ -q
