@@ -1,6 +1,6 @@
-"""The statistics of the chapters and of ``python -m selora.evaluate``: means with their spread,
-Welch's two-sample t test (with its p-value and critical value), its equivalence form (two one-sided
-tests against a margin fixed in advance), Spearman's rank correlation.
+"""The statistics of the chapters and of ``python -m selora.evaluate``: means with their spread and
+their t interval, Welch's two-sample t test (with its p-value and critical value), its equivalence
+form (two one-sided tests against a margin fixed in advance), Spearman's rank correlation.
 
 Hand-written on purpose (NumPy and ``math`` only): scipy is a test dependency, and the tests
 compare every function here with ``scipy.stats``. The Student-t distribution is computed from the
@@ -23,6 +23,7 @@ __all__ = [
     "WelchTest",
     "beta_sf",
     "mean_and_se",
+    "mean_interval",
     "mean_std",
     "paired_gap",
     "spearman",
@@ -43,6 +44,15 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     if v.size < 2:
         raise ValueError(f"values: need at least 2, got {v.size}")
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
+
+
+def mean_interval(values: Sequence[float], alpha: float = 0.05) -> tuple[float, float]:
+    """The ``1 - alpha`` Student-t confidence interval ``(low, high)`` of the mean of ``values`` ``(n,)``:
+    ``mean ± t_{1 - alpha/2, n - 1} · se``; agrees with ``scipy.stats.t.interval``."""
+    _check_alpha(alpha)
+    mean, se = mean_and_se(values)
+    half = student_t_quantile(1 - alpha / 2, np.asarray(values).size - 1) * se
+    return mean - half, mean + half
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:

@@ -83,6 +83,17 @@ def test_mean_and_se_and_mean_std_match_scipy_and_statistics():
     assert stats.mean_std([4.0]) == {"mean": 4.0, "std": None, "n": 1}
 
 
+def test_mean_interval_matches_scipy_t_interval():
+    for seed in range(10):
+        values = samples(seed)[0]
+        for alpha in (0.05, 0.1, 0.32):
+            low, high = stats.mean_interval(values, alpha)
+            ref = scipy.stats.t.interval(1 - alpha, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+            assert (low, high) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="alpha"):
+        stats.mean_interval([1.0, 2.0, 4.0], alpha=1.5)
+
+
 def test_welch_test_matches_scipy_ttest_ind_unequal_variances():
     for seed in range(20):
         a, b = samples(seed)
