@@ -50,9 +50,11 @@ def transformers_api(request, monkeypatch):
 
 
 def force_reentrant_without_input_grads(model) -> None:
-    """The failure mode: reentrant checkpointing, no hook making the embedding output require grad."""
+    """The failure mode of transformers 4.x: the text encoder checkpointed REENTRANT with no hook making
+    the embedding output require grad; the UNet checkpointed as diffusers does it (non-reentrant)."""
     enable_checkpointing(model, use_reentrant=True)
     model.text_encoder.disable_input_require_grads()
+    model.unet.enable_gradient_checkpointing()  # diffusers' own default: non-reentrant
 
 
 def adapter_gradients(assets, enable, method: str = "lora") -> dict[str, torch.Tensor | None]:  # noqa: F811

@@ -58,8 +58,8 @@ def test_rank_matrix_orders_layers_and_checks_them():
 
 @pytest.fixture(scope="module")
 def mini_model():
-    """The shipped mini SD with the offline config's SeLoRA adapters (every linear layer of both models)."""
-    cfg = load_config("montgomery-offline")
+    """The shipped mini SD with SeLoRA adapters on every linear layer of both models (every kind of layer)."""
+    cfg = load_config("montgomery-offline", ["unet_targets=all-linear", "text_encoder_targets=all-linear"])
     pipe = load_pipeline("mini-sd", device="cpu")
     return add_adapters(pipe, cfg, total_steps=1)
 
