@@ -8,7 +8,6 @@ import torch
 from test_report import mini_model  # noqa: F401  (shared fixture)
 from torch import nn
 
-from selora.config import load_config
 from selora.inject import inject
 from selora.layers import lora_layers, num_trainable
 from selora.models import load_pipeline
@@ -86,5 +85,5 @@ def test_trainable_counts_agree_with_the_models_parameters(mini_model):  # noqa:
     assert grown["total"]["lora"] == counts["total"]["lora"]
     # and LoRA's count is what a real rank-4 LoRA injection trains
     pipe = load_pipeline("mini-sd", device="cpu")
-    inject(pipe.unet, load_config("montgomery-offline").unet_targets, kind="lora", rank=4)
+    inject(pipe.unet, "all-linear", kind="lora", rank=4)  # the targets of the mini_model fixture
     assert num_trainable(pipe.unet) == counts["unet"]["lora"]
