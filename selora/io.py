@@ -5,10 +5,13 @@ file system) and moved into place with ``os.replace``; an exception on the way d
 temporary and leaves whatever was at the final path untouched. ``tempfile`` creates temporaries
 private (0600/0700); the final mode is set explicitly (0644 files, 0755 folders by default:
 outputs of this package are meant to be shared).
+
+:func:`read_jsonl` reads back the JSON-lines records a run appends (``metrics.jsonl``, ``rank_history.jsonl``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -104,3 +107,8 @@ def atomic_dir(path: str | Path, mode: int = DIR_MODE) -> Iterator[Path]:
         raise
     if old.exists():
         shutil.rmtree(old)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file ``path``, one dict per line, in order."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]

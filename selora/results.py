@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from selora.io import atomic_dir
+from selora.io import atomic_dir, read_jsonl
 from selora.paths import ASSETS_DIR
 
 RESULTS_DIR = ASSETS_DIR / "results"
@@ -147,13 +147,12 @@ def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_D
             history = src.root / r["run_dir"] / "rank_history.jsonl"
             if not history.is_file():
                 raise FileNotFoundError(f"{history}: missing (the run's rank history; publish needs the trained runs)")
-            records = [json.loads(line) for line in history.read_text(encoding="utf-8").splitlines()]
-            totals = [[rec["step"], sum(rec["ranks"].values())] for rec in records]
+            totals = [[rec["step"], sum(rec["ranks"].values())] for rec in read_jsonl(history)]
             (tmp / r["run_dir"] / RANK_TOTALS).write_text(json.dumps(totals), encoding="utf-8")
             log = src.root / r["run_dir"] / "metrics.jsonl"
             if log.is_file():
-                evals = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
-                curve = [{k: e[k] for k in EVAL_KEYS if k in e} for e in evals if e.get("kind") == "eval"]
+                evals = [e for e in read_jsonl(log) if e.get("kind") == "eval"]
+                curve = [{k: e[k] for k in EVAL_KEYS if k in e} for e in evals]
                 (tmp / r["run_dir"] / EVAL_CURVE).write_text(json.dumps(curve), encoding="utf-8")
     return dest
 

@@ -27,7 +27,7 @@ import torch
 from selora.checkpoint import load_adapter_tensors, read_adapters
 from selora.config import TrainConfig, load_config
 from selora.distributed import default_device
-from selora.io import atomic_write_text
+from selora.io import atomic_write_text, read_jsonl
 from selora.models import load_pipeline
 from selora.pipeline import add_adapters
 
@@ -79,8 +79,7 @@ def read_records(run_dir: Path | str) -> dict[str, list[dict]]:
     rank_history.jsonl (train: step, batch, epoch, loss, lr, total_rank; skipped batches have
     ``loss`` None; ranks: step, ranks per layer, expanded, ratios)."""
     run_dir = Path(run_dir)
-    metrics = [json.loads(x) for x in (run_dir / METRICS).read_text(encoding="utf-8").splitlines()]
-    history = [json.loads(x) for x in (run_dir / RANK_HISTORY).read_text(encoding="utf-8").splitlines()]
+    metrics, history = read_jsonl(run_dir / METRICS), read_jsonl(run_dir / RANK_HISTORY)
     return {
         "train": [r for r in metrics if r["kind"] == "train"],
         "eval": [r for r in metrics if r["kind"] == "eval"],

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from selora.io import atomic_dir, atomic_path, atomic_save_safetensors, atomic_write_bytes, atomic_write_text
+from selora.io import (
+    atomic_dir,
+    atomic_path,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_jsonl,
+)
 
 
 class Boom(Exception):
@@ -150,3 +157,11 @@ def test_dir_failure_without_old_folder_leaves_nothing(tmp_path: Path) -> None:
             (tmp / "half.txt").write_text("half", encoding="utf-8")
             raise Boom
     assert not any(tmp_path.iterdir())
+
+
+def test_read_jsonl_returns_one_record_per_line_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "ranks": {"a": 3}}\n', encoding="utf-8")
+    assert read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "ranks": {"a": 3}}]
+    path.write_text("", encoding="utf-8")
+    assert read_jsonl(path) == []
