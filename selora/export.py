@@ -432,14 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=tuple(DTYPES), default=None, help="storage dtype (default: the weights' own, float32)"
     )
     args = parser.parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from selora.models import no_loading_bars  # diffusers: loaded only when a run is exported
 
-    diffusers_logging.disable_progress_bar()  # keep stderr to the one line that matters
-    transformers_logging.disable_progress_bar()
     try:
         dtype = DTYPES[args.dtype] if args.dtype else None
-        written, card = export_run(args.run, args.format, args.out, adapters=args.adapters, dtype=dtype)
+        with no_loading_bars():  # keep stderr to the one line that matters
+            written, card = export_run(args.run, args.format, args.out, adapters=args.adapters, dtype=dtype)
     except (ValueError, TypeError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
     print(f"wrote {written} and its model card {card}")

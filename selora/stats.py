@@ -25,7 +25,7 @@ __all__ = [
     "mean_and_se",
     "mean_interval",
     "mean_std",
-    "paired_gap",
+    "paired_differences",
     "spearman",
     "student_t_cdf",
     "student_t_quantile",
@@ -63,15 +63,15 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def paired_gap(worse: torch.Tensor, better: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over images of ``worse - better`` (each ``(N,)`` or ``(N, draws)``,
-    averaged over draws first): the paired difference of two conditions on the same images."""
+def paired_differences(worse: torch.Tensor, better: torch.Tensor) -> np.ndarray:
+    """Per-image ``worse - better`` in float64 ``(N,)`` (each input ``(N,)`` or ``(N, draws)``,
+    averaged over draws first): the paired differences of two conditions on the same images, for
+    :func:`mean_and_se` and :func:`mean_interval` (a paired t interval)."""
     if worse.shape != better.shape or worse.shape[0] < 2:
         raise ValueError(
             f"expected two tensors of one shape with >= 2 images, got {tuple(worse.shape)} and {tuple(better.shape)}"
         )
-    diff = (worse.double() - better.double()).reshape(worse.shape[0], -1).mean(1)
-    return mean_and_se(diff.numpy())
+    return (worse.double() - better.double()).reshape(worse.shape[0], -1).mean(1).numpy()
 
 
 # -- Welch's t test -------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 import selora
 from selora.export import (
@@ -480,9 +482,11 @@ def test_cli_exports_a_training_run_in_every_format(trained, tmp_path, capsys):
     root, pipe, x, ref = trained
     run = fake_run(tmp_path / "run", pipe, root / "base")
     assert FORMATS == ("diffusers", "peft", "merged", "kohya")
+    bars = [diffusers_logging, transformers_logging]
     for fmt in FORMATS:
         assert main(["--run", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert capsys.readouterr().out.startswith("wrote ")
+        assert all(lib.is_progress_bar_enabled() for lib in bars), "main() left the loading bars off"
     assert (tmp_path / "kohya" / "run.safetensors").is_file(), "a kohya --out folder gets <run name>.safetensors"
     want = load_file(str(save_diffusers_lora(pipe, tmp_path / "direct")))
     got = load_file(str(tmp_path / "diffusers" / DIFFUSERS_WEIGHT_NAME))
