@@ -1,0 +1,89 @@
+"""What scoring an expansion costs: a plain training step, a SeLoRA test step whose Fisher statistics
+come from the step's own backward (:mod:`selora.fisher`), and a step with the extra forward/backward
+pass that the authors' code runs to score (chapter 4). Each is measured two ways: matrix-product
+FLOPs counted by torch's ``FlopCounterMode`` (exact, the same on every machine) and wall-clock time
+(this machine, its load; ``benchmarks/core.py`` measures time ratios at SD v1.5's widths).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from selora.expansion import ExpansionController
+
+__all__ = ["SCORING_MODES", "StepCost", "scoring_costs"]
+
+
+#: The three steps :func:`scoring_costs` compares, in the order it runs them.
+SCORING_MODES = ("plain step", "test step (hooks)", "step + extra fwd/bwd")
+
+
+@dataclass
+class StepCost:
+    """One kind of training step: matrix-product FLOPs (exact, the same on every machine) and the
+    wall-clock seconds of each timed step (this machine, its load)."""
+
+    flops: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+
+def _mse_step(
+    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, mode: str, ctl: ExpansionController | None
+) -> None:
+    """Forward, backward (twice for the extra-pass mode), ``optimizer.step()``, ``ctl.step()``, zero_grad."""
+    for _ in range(2 if mode == SCORING_MODES[2] else 1):
+        ((model(x) - y) ** 2).mean().backward()
+    optimizer.step()
+    if ctl is not None:
+        ctl.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def scoring_costs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int = 5,
+    rounds: int = 3,
+    warmup: int = 2,
+    modes: Sequence[str] = SCORING_MODES,
+) -> dict[str, StepCost]:
+    """What scoring an expansion costs, per full-batch MSE training step of ``model`` on (x, y).
+
+    ``"plain step"``: no controller armed. ``"test step (hooks)"``: an ExpansionController scores
+    every step from the step's own backward (rank cap 1: nothing grows). ``"step + extra
+    fwd/bwd"``: one more forward/backward on the same batch, what a scorer that re-runs the model
+    (the authors' code) pays. FLOPs: one untimed step per mode under torch's FlopCounterMode
+    (forward, backward and hook products). Seconds: ``rounds x steps`` timed steps per mode
+    after ``warmup``, the modes interleaved round by round so that they share the machine's noise.
+    """
+    unknown = [m for m in modes if m not in SCORING_MODES]
+    if unknown:
+        raise ValueError(f"modes: expected some of {SCORING_MODES}, got {unknown}")
+    if any(getattr(m, "_capture", None) is not None for m in model.modules()):
+        raise ValueError("model: a SeLoRA controller is armed on it (close() it first), so every step would be scored")
+    costs = {mode: StepCost() for mode in modes}
+    for round_ in range(rounds):
+        for mode, cost in costs.items():
+            scored = mode == SCORING_MODES[1]
+            ctl = ExpansionController(model, optimizer, interval=1, max_rank=1) if scored else None
+            if round_ == 0:
+                with FlopCounterMode(display=False) as counter:
+                    _mse_step(model, x, y, optimizer, mode, ctl)
+                cost.flops = counter.get_total_flops()
+            for i in range(warmup + steps):
+                start = time.perf_counter()
+                _mse_step(model, x, y, optimizer, mode, ctl)
+                if i >= warmup:
+                    cost.seconds.append(time.perf_counter() - start)
+            if ctl is not None:
+                ctl.close()
+    return costs
