@@ -170,3 +170,34 @@ def test_paired_differences_give_scipys_paired_interval():
     assert stats.mean_interval(diff) == pytest.approx((paired.low, paired.high), rel=1e-9)
     with pytest.raises(ValueError, match="one shape"):
         stats.paired_differences(worse, better[:, :2])
+
+
+def test_welch_equivalence_is_two_one_sided_scipy_tests():
+    """TOST: the larger p of scipy's one-sided Welch tests of a - margin against b and a + margin against b;
+    equivalence exactly when the 1 - 2 alpha interval lies inside the margin."""
+    seen = set()
+    for seed in range(30):
+        a, b = samples(seed)
+        margin = float(np.abs(np.mean(a) - np.mean(b))) * (0.5 + seed / 10)
+        ref_low = scipy.stats.ttest_ind(np.asarray(a) + margin, b, equal_var=False, alternative="greater").pvalue
+        ref_high = scipy.stats.ttest_ind(np.asarray(a) - margin, b, equal_var=False, alternative="less").pvalue
+        for alpha in (0.05, 0.2):
+            eq = stats.welch_equivalence(a, b, margin, alpha)
+            assert eq.p == pytest.approx(max(ref_low, ref_high), rel=1e-9, abs=1e-14)
+            assert eq.interval == pytest.approx(stats.welch_interval(a, b, 2 * alpha), rel=1e-12)
+            inside = -margin < eq.interval[0] and eq.interval[1] < margin
+            assert eq.equivalent == (eq.p < alpha) == inside
+            seen.add(eq.equivalent)
+    assert seen == {True, False}, "the samples exercise both outcomes"
+    with pytest.raises(ValueError, match="margin=0"):
+        stats.welch_equivalence([1.0, 2.0], [1.0, 3.0], 0)
+
+
+def test_beta_sf_matches_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b, u = float(rng.uniform(0.1, 300)), float(rng.uniform(0.1, 3000)), float(rng.uniform(0, 1))
+        assert stats.beta_sf(u, a, b) == pytest.approx(scipy.stats.beta.sf(u, a, b), rel=1e-9, abs=1e-300)
+    assert stats.beta_sf(0.0, 2, 3) == 1.0 and stats.beta_sf(1.0, 2, 3) == 0.0
+    with pytest.raises(ValueError, match="a=0"):
+        stats.beta_sf(0.5, 0, 1)
