@@ -21,7 +21,7 @@ __all__ = ["SCORING_MODES", "StepCost", "scoring_costs"]
 
 
 #: The three steps :func:`scoring_costs` compares, in the order it runs them.
-SCORING_MODES = ("plain step", "test step (hooks)", "step + extra fwd/bwd")
+PLAIN, TEST, EXTRA_PASS = SCORING_MODES = ("plain step", "test step (hooks)", "step + extra fwd/bwd")
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _mse_step(
     model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, mode: str, ctl: ExpansionController | None
 ) -> None:
     """Forward, backward (twice for the extra-pass mode), ``optimizer.step()``, ``ctl.step()``, zero_grad."""
-    for _ in range(2 if mode == SCORING_MODES[2] else 1):
+    for _ in range(2 if mode == EXTRA_PASS else 1):
         ((model(x) - y) ** 2).mean().backward()
     optimizer.step()
     if ctl is not None:
@@ -73,8 +73,7 @@ def scoring_costs(
     costs = {mode: StepCost() for mode in modes}
     for round_ in range(rounds):
         for mode, cost in costs.items():
-            scored = mode == SCORING_MODES[1]
-            ctl = ExpansionController(model, optimizer, interval=1, max_rank=1) if scored else None
+            ctl = ExpansionController(model, optimizer, interval=1, max_rank=1) if mode == TEST else None
             if round_ == 0:
                 with FlopCounterMode(display=False) as counter:
                     _mse_step(model, x, y, optimizer, mode, ctl)
