@@ -2,7 +2,7 @@
 
 Prints, measured interleaved in one run (fastest CPU time per step over rounds):
   test step / plain step            (goal <= 1.10; the authors' extra forward+backward costs ~2x)
-  signal test step / fi-ratio test step   (goal <= 1.02: the signal test of selora.signal is no
+  signal test step / fi-ratio test step   (goal <= 1.02: the signal test of selora.core.signal is no
                                             slower than the paper's test on the same step)
   SeLoRA plain step / LoRA plain step at equal rank   (goal <= 1.02)
   selora LoRA plain step / PEFT LoRA plain step       (goal <= 1.00; the layer-level view of

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import selora
+from selora.core.layers import SeLoRALinear, lora_layers
 from selora.export import merge_into
-from selora.layers import SeLoRALinear, lora_layers
 from selora.paths import ASSETS_DIR
 from selora.pipeline import DiffusionModel, cast_trainable
 

@@ -6,7 +6,7 @@ r"""Open the rendered book in headless Chromium and check every page as a reader
 Serves the HTML folder from a local http.server on 127.0.0.1 (a free port), visits every page
 listed in the table of contents and fails on: a missing page, a rendered cell error output, a broken
 same-site link or anchor, an image that did not load, a same-site resource that failed (HTTP >= 400),
-console errors, uncaught page errors and a frame slider (``selora.slider``) whose image does not
+console errors, uncaught page errors and a frame slider (``selora.book.slider``) whose image does not
 change when it is moved. Requests to other hosts are blocked (the verdict must not
 depend on the network), so fonts/CDN/launch-button targets never count, and MathJax has to come
 from the build itself (the book's sphinx-mathjax-offline extension puts it in ``_static/mathjax``).
@@ -160,7 +160,7 @@ RAW_TEX_JS = """() => {
   return hits;
 }"""
 
-# Move every frame slider (selora.slider) to another value and back; one line for each slider whose
+# Move every frame slider (selora.book.slider) to another value and back; one line for each slider whose
 # visible image did not change (or that does not show exactly one frame).
 SLIDERS_JS = """() => {
   const boxes = [...document.querySelectorAll('div.selora-frame-slider')];

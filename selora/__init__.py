@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from selora.expansion import Decision, ExpansionController
-from selora.inject import PRESETS, inject
-from selora.layers import LoRALinear, SeLoRALinear, kaiming_rows, num_trainable, ranks, trainable_parameters
+from selora.core.expansion import Decision, ExpansionController
+from selora.core.inject import PRESETS, inject
+from selora.core.layers import LoRALinear, SeLoRALinear, kaiming_rows, num_trainable, ranks, trainable_parameters
 from selora.profile import device, profile, seed_everything, set_threads, setup
 
 __version__ = "0.1.0"

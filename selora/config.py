@@ -23,7 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from selora.expansion import CRITERIA
+from selora.core.expansion import CRITERIA
 from selora.methods import METHODS
 from selora.paths import PACKAGE_DIR
 

@@ -1,7 +1,7 @@
 """Take SeLoRA adapters out of selora: diffusers LoRA, PEFT adapter, merged weights, kohya file, and back.
 
 Every adapted layer may end training with its own rank r_i, while its scaling s is fixed (never
-alpha / r, see :mod:`selora.layers`). diffusers and PEFT compute the LoRA scaling per module as
+alpha / r, see :mod:`selora.core.layers`). diffusers and PEFT compute the LoRA scaling per module as
 ``lora_alpha / r``. A file without explicit alphas is silently rescaled on load: diffusers 0.42
 gives every module ``alpha = r`` (scaling 1, wrong for s != 1); earlier releases gave every module
 the alpha of the most common rank (scaling r / r_i). So every export writes, per module,
@@ -54,10 +54,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from selora.inject import KINDS, replace_modules
+from selora.core.inject import KINDS, replace_modules
+from selora.core.layers import LoRALinear, lora_layers
 from selora.io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from selora.kohya import PICKLE_SUFFIXES, kohya_file, kohya_metadata, save_kohya_lora
-from selora.layers import LoRALinear, lora_layers
 from selora.pipeline import COMPONENTS, adapted_layers, components  # noqa: F401 (COMPONENTS: re-exported)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE

@@ -36,8 +36,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from selora.config import TrainConfig
+from selora.core.layers import lora_layers
 from selora.io import atomic_write_text
-from selora.layers import lora_layers
 from selora.models import SD15_MODEL_ID
 from selora.params import count_parameters
 from selora.pipeline import COMPONENTS

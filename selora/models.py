@@ -9,7 +9,7 @@ same weights. The offline model is a genuine diffusers pipeline folder in ``selo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 from packaging.version import Version
+from safetensors.torch import load_file, save_file
 from transformers.utils import logging as transformers_logging
 
 from selora.distributed import default_device
@@ -44,6 +45,24 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MINI_SD_DIR = ASSETS_DIR / "mini-sd"
 #: The base model each profile fine-tunes (config ``model`` values).
 PROFILE_MODELS = {"paper": "sd-v1-5", "offline": "mini-sd"}
+
+
+#: CLIP's ``text_model.`` module level. transformers 4 (and the hub's files) name every text-encoder weight
+#: under it; transformers 5 dropped it from the module names, reads either naming and writes without it.
+CLIP_TEXT_LEVEL = "text_model."
+
+
+def without_clip_text_level(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with :data:`CLIP_TEXT_LEVEL` removed from the front of every name (transformers 5's naming)."""
+    return {k.removeprefix(CLIP_TEXT_LEVEL): v for k, v in state.items()}
+
+
+def write_clip_text_level(file: Path) -> None:
+    """Rewrite a saved text-encoder ``model.safetensors`` in place with every name under
+    :data:`CLIP_TEXT_LEVEL`, the naming every supported transformers major loads (4.x leaves
+    level-less weights unused and the model random); tensors and their bytes are unchanged."""
+    state = load_file(str(file))
+    save_file({CLIP_TEXT_LEVEL + k: v for k, v in without_clip_text_level(state).items()}, str(file), {"format": "pt"})
 
 
 def sd15_scheduler_config() -> dict[str, object]:

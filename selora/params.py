@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from selora.inject import select_linear
-from selora.layers import lora_layers
+from selora.core.inject import select_linear
+from selora.core.layers import lora_layers
 from selora.pipeline import COMPONENTS
 
 __all__ = [

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from selora.config import ConfigError, TrainConfig
-from selora.layers import LoRALinear, lora_layers
+from selora.core.layers import LoRALinear, lora_layers
 from selora.methods import METHODS, Adapters
 
 #: The pipeline parts that carry adapters, and the name prefixes of their layers in :class:`DiffusionModel`.
@@ -110,5 +110,5 @@ def adapted_layers(pipe_or_models: Any) -> dict[str, dict[str, LoRALinear]]:
     found = {c: lora_layers(m) for c, m in components(pipe_or_models).items()}
     found = {c: layers for c, layers in found.items() if layers}
     if not found:
-        raise ValueError("export: no LoRA/SeLoRA layer found (inject adapters with selora.inject first)")
+        raise ValueError("export: no LoRA/SeLoRA layer found (inject adapters with selora.core.inject first)")
     return found

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 import selora.train
 from selora.checkpoint import adapter_tensors
-from selora.layers import ranks
+from selora.core.layers import ranks
 
 made = []
 

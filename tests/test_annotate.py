@@ -6,9 +6,9 @@ import inspect
 
 import pytest
 
-from selora import annotate
-from selora.fisher import fi_ratio, sample_stats
-from selora.layers import SeLoRALinear
+from selora.book import annotate
+from selora.core.fisher import fi_ratio, sample_stats
+from selora.core.layers import SeLoRALinear
 
 
 def test_a_block_is_the_files_lines_between_the_markers():
@@ -17,7 +17,7 @@ def test_a_block_is_the_files_lines_between_the_markers():
     shown = file_lines[block.first - 1 : block.last]
     assert block.code.splitlines() == [line[4:] for line in shown]  # dedented by the function body's indent
     assert block.code.startswith("new = ") and "return torch.stack" in block.code.splitlines()[-1]
-    assert block.where == f"selora/fisher.py, lines {block.first}–{block.last}"
+    assert block.where == f"selora/core/fisher.py, lines {block.first}–{block.last}"
 
 
 def test_one_marker_shows_one_line_and_a_missing_marker_is_a_clear_error():
@@ -28,10 +28,11 @@ def test_one_marker_shows_one_line_and_a_missing_marker_is_a_clear_error():
 
 def test_show_source_is_a_captioned_markdown_code_block():
     md = annotate.show_source(fi_ratio, "if fi_orig > 0", "return math.inf").data
-    assert md.startswith("```python\nif fi_orig > 0:\n") and "selora/fisher.py, lines" in md
+    assert md.startswith("```python\nif fi_orig > 0:\n") and "selora/core/fisher.py, lines" in md
 
 
 def test_a_decorated_method_shows_its_own_file():
-    """``SeLoRALinear.expand`` runs under ``torch.no_grad()``: its block is from selora/layers.py, not the wrapper."""
+    """``SeLoRALinear.expand`` runs under ``torch.no_grad()``: its block is from selora/core/layers.py, not the
+    wrapper."""
     block = annotate.source_block(SeLoRALinear.expand, "new_A = torch.cat", "self.lora_B = nn.Parameter")
-    assert block.where.startswith("selora/layers.py, lines ") and block.code.startswith("new_A = torch.cat")
+    assert block.where.startswith("selora/core/layers.py, lines ") and block.code.startswith("new_A = torch.cat")

@@ -21,7 +21,7 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from selora.slider import frame_slider  # noqa: E402
+from selora.book.slider import frame_slider  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "check_rendered_book.py"
@@ -91,7 +91,7 @@ GOOD_BODY = (
 
 
 def slider_html(values: list[int]) -> str:
-    """A real frame slider (selora.slider) over ``values``: one tiny figure per value."""
+    """A real frame slider (selora.book.slider) over ``values``: one tiny figure per value."""
 
     def draw(v: int):
         fig, ax = plt.subplots(figsize=(1, 1))

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from selora.checkpoint import adapter_tensors
 from selora.config import load_config
-from selora.layers import ranks
+from selora.core.layers import ranks
 from selora.trainer import Trainer
 
 cfg = load_config("montgomery-offline", json.loads(sys.argv[2]))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import selora
-from selora.layers import lora_layers
-from selora.optim import replace_parameters
+from selora.core.layers import lora_layers
+from selora.core.optim import replace_parameters
 
 
 def toy(seed: int = 0) -> tuple[nn.Module, dict]:

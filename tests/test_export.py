@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 import selora
+from selora.core.layers import LoRALinear, SeLoRALinear, lora_layers
 from selora.export import (
     DIFFUSERS_METADATA_KEY,
     DIFFUSERS_WEIGHT_NAME,
@@ -43,7 +44,6 @@ from selora.export import (
     save_peft_adapter,
 )
 from selora.kohya import kohya_name, save_kohya_lora
-from selora.layers import LoRALinear, SeLoRALinear, lora_layers
 from selora.tokenizer import BOS, EOS, bytes_to_unicode
 
 SCALE = 0.5

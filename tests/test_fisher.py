@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import selora
-from selora.fisher import fi_ratio
+from selora.core.fisher import fi_ratio
 
 
 class Mixed(nn.Module):
@@ -81,7 +81,7 @@ def test_fi_orig_and_exp_match_vmap_reference(reduction):
     decisions, Ks = captured(model, x, y, reduction)
     ref_orig = reference_fi(model, x, y)
     expanded = copy.deepcopy(model)
-    for name, layer in selora.layers.lora_layers(expanded).items():
+    for name, layer in selora.core.layers.lora_layers(expanded).items():
         layer.expand(1, K=Ks[name])
     ref_exp = reference_fi(expanded, x, y)
     assert set(decisions) == {"inp", "mid", "head"}
@@ -115,7 +115,7 @@ def test_differs_from_squared_mean_gradient():
     model = make_model()
     x, y = data(4, n=16)
     decisions, _ = captured(model, x, y)
-    for name, layer in selora.layers.lora_layers(model).items():
+    for name, layer in selora.core.layers.lora_layers(model).items():
         shortcut = layer.lora_A.grad.pow(2).sum().item() + layer.lora_B.grad.pow(2).sum().item()
         # Jensen: mean_i g_i^2 >= (mean_i g_i)^2, and with 16 samples far from equality
         assert shortcut < 0.5 * decisions[name].fi_orig, name
@@ -195,7 +195,7 @@ def test_activation_checkpointing_with_accumulation_matches():
 
 def test_functional_helpers_agree_with_the_controller():
     """per_sample_grads -> sample_stats -> fi_scores, by hand from dL/dy, equals the hooked capture."""
-    from selora.fisher import fi_scores, per_sample_grads, sample_stats
+    from selora.core.fisher import fi_scores, per_sample_grads, sample_stats
 
     torch.manual_seed(0)
     layer = selora.SeLoRALinear(nn.Linear(5, 4), rank=2, scale=1.5).double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from selora import gpu_estimate
+from selora.book import gpu_estimate
 from selora.sd15 import build_sd15_modules
 
 TARGETS = ("paper-unet", "paper-text-encoder")

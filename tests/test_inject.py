@@ -161,7 +161,7 @@ def test_second_injection_skips_adapted_layers():
 
 
 def test_replace_modules_every_name_skips_none_and_counts_slots():
-    from selora.inject import replace_modules
+    from selora.core.inject import replace_modules
 
     shared, other = nn.Linear(2, 2), nn.Linear(2, 2)
     inner = nn.Sequential(shared, nn.ReLU())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import selora
-from selora.layers import kaiming_rows
+from selora.core.layers import kaiming_rows
 
 
 def test_lora_layout_and_forward():

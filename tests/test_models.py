@@ -13,10 +13,21 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.models.attention import GEGLU
+from safetensors.torch import load_file, save_file
 
 import selora.models
 from selora.config import load_config
-from selora.models import FP16_VARIANT_FILE, MINI_SD_DIR, SD15_MODEL_ID, load_pipeline, weights_variant
+from selora.models import (
+    CLIP_TEXT_LEVEL,
+    FP16_VARIANT_FILE,
+    MINI_SD_DIR,
+    SD15_MODEL_ID,
+    load_pipeline,
+    weights_variant,
+    without_clip_text_level,
+)
+from selora.provenance import folder_sha256
+from selora.results import load as load_published
 from selora.tokenizer import clip_vocab_and_merges
 
 OFFLINE_RESOLUTION = load_config("montgomery-offline").resolution  # what the mini SD is trained and sampled at
@@ -104,6 +115,38 @@ def test_tokenizer_and_text_encoder_agree(pipe):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == OFFLINE_RESOLUTION
 
 
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "vae"])
+def test_every_shipped_weight_loads_from_its_file_under_the_installed_libraries(pipe, part):
+    """What the installed diffusers / transformers load is the file, tensor for tensor: every tensor of
+    the file used, no parameter or buffer left at its random initialisation (transformers 4 loads a
+    text-encoder file without CLIP's ``text_model.`` level as a random model, with only a log line)."""
+    raw = without_clip_text_level(load_file(str(next((MINI_SD_DIR / part).glob("*.safetensors")))))
+    loaded = without_clip_text_level(getattr(pipe, part).state_dict())
+    loaded.pop("embeddings.position_ids", None)  # a constant buffer (arange), saved by no major
+    assert loaded.keys() == raw.keys(), sorted(loaded.keys() ^ raw.keys())[:5]
+    assert all(torch.equal(loaded[k], raw[k].to(loaded[k].dtype)) for k in raw), part
+
+
+def test_the_text_encoder_file_names_clip_text_level():
+    """transformers 4.x reads text-encoder weights only under ``text_model.``; 5 maps that naming too."""
+    names = load_file(str(MINI_SD_DIR / "text_encoder" / "model.safetensors")).keys()
+    assert names and all(n.startswith(CLIP_TEXT_LEVEL) for n in names), sorted(names)[:3]
+
+
+def test_the_model_digest_is_the_published_one_and_ignores_clip_text_level(tmp_path):
+    """The shipped folder hashes to the digest the published results record, and one text encoder
+    hashes the same with or without CLIP's ``text_model.`` level in its file."""
+    assert folder_sha256(MINI_SD_DIR) == load_published("table1").provenance["model"]["sha256"]
+    copy = tmp_path / "mini-sd"
+    shutil.copytree(MINI_SD_DIR, copy)
+    te_file = copy / "text_encoder" / "model.safetensors"
+    state = load_file(str(te_file))
+    save_file(without_clip_text_level(state), str(te_file), {"format": "pt"})
+    assert folder_sha256(copy) == folder_sha256(MINI_SD_DIR)
+    save_file({**state, next(iter(state)): next(iter(state.values())) + 1}, str(te_file), {"format": "pt"})
+    assert folder_sha256(copy) != folder_sha256(MINI_SD_DIR)
+
+
 def test_unet_has_sd15_module_types(pipe):
     modules = dict(pipe.unet.named_modules())
     names = list(modules)
@@ -176,6 +219,7 @@ def test_build_script_is_reproducible_and_a_snapshot_equals_a_shorter_run(tmp_pa
     snapshot = tmp_path / "cache" / "mini-sd-build" / "snapshot"
     assert _bytes(two, "unet") == _bytes(snapshot, "unet") != _bytes(three, "unet")
     assert _bytes(two, "text_encoder") == _bytes(snapshot, "text_encoder")
+    assert all(n.startswith(CLIP_TEXT_LEVEL) for n in load_file(str(two / "text_encoder" / "model.safetensors")))
     assert _bytes(two, "vae") == _bytes(three, "vae") != _bytes(snapshot, "vae")  # stage 2 is deterministic
     reused = tmp_path / "reused"  # stage 1a taken from the snapshot instead of retrained: same model
     assert (

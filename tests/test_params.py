@@ -8,8 +8,8 @@ import torch
 from test_report import mini_model  # noqa: F401  (shared fixture)
 from torch import nn
 
-from selora.inject import inject
-from selora.layers import lora_layers, num_trainable
+from selora.core.inject import inject
+from selora.core.layers import lora_layers, num_trainable
 from selora.models import load_pipeline
 from selora.params import ParameterCount, adapter_counts, count_parameters, per_component, trainable_counts
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import selora
-from selora import toy
+from selora.book import toy
 
 PLANTED = (1, 2, 4, 6)
 D_IN, D_OUT, NORM, STEPS = 64, 8, 4.0, 1000
@@ -72,7 +72,7 @@ def test_planted_ranks_are_recovered():
     assert loss < 0.1 * lora_loss, f"SeLoRA loss {loss:.4g} vs fixed rank-1 LoRA {lora_loss:.4g}"
 
 
-# -- the signal test (selora.signal, book chapter 9) ---------------------------------------------
+# -- the signal test (selora.core.signal, book chapter 9) ---------------------------------------------
 #: Chapter 4's toy (independent layers from rank 1, Adam, batches of 64, t = 40), with target noise
 #: sigma = 0.1 and a training set large enough that the noise is noise in-sample too.
 SIGNAL = dict(criterion="signal", alpha=0.001, window=10)

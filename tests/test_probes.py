@@ -1,4 +1,4 @@
-"""selora.probes: the paired-seed image differences of chapter 6 and the noise-prediction errors
+"""selora.book.probes: the paired-seed image differences of chapter 6 and the noise-prediction errors
 under the true vs an altered prompt."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selora import probes
+from selora.book import probes
 from selora.models import load_pipeline
 
 

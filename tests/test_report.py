@@ -8,7 +8,7 @@ import pytest
 
 from selora import report
 from selora.config import load_config
-from selora.layers import lora_layers
+from selora.core.layers import lora_layers
 from selora.models import load_pipeline
 from selora.pipeline import add_adapters
 

@@ -1,4 +1,4 @@
-"""The signal test (selora.signal): its null distribution against scipy, its predictions, the
+"""The signal test (selora.core.signal): its null distribution against scipy, its predictions, the
 complement projection, DDP-style reduction, and its wiring into the controller and the config."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from torch import nn
 
 import selora
 from selora.config import ConfigError, TrainConfig
-from selora.expansion import ExpansionController
-from selora.layers import SeLoRALinear
-from selora.signal import (
+from selora.core.expansion import ExpansionController
+from selora.core.layers import SeLoRALinear
+from selora.core.signal import (
     complement_grads,
     critical_value,
     effective_dof,
@@ -94,12 +94,12 @@ def test_complement_grads_match_explicit_projectors():
     n, t, d_in, d_out, r = 5, 7, 9, 6, 2
     x, g = torch.randn(n, t, d_in, generator=gen).double(), torch.randn(n, t, d_out, generator=gen).double()
     A, B, K = (torch.randn(*s, generator=gen).double() for s in ((r, d_in), (d_out, r), (1, d_in)))
-    dA, dB, dB_new = selora.fisher.per_sample_grads(x, x @ A.T, g, B, 0.7, K)
+    dA, dB, dB_new = selora.core.fisher.per_sample_grads(x, x @ A.T, g, B, 0.7, K)
     PA, PB = projectors(A, B)
     eye_in, eye_out = torch.eye(d_in).double(), torch.eye(d_out).double()
     expected = 0.7 * torch.einsum("ntj,nti,ki->njk", g @ (eye_out - PB).T, x @ (eye_in - PA).T, K).reshape(n, -1)
     assert torch.allclose(complement_grads(dB, dB_new, A, B, K), expected, atol=1e-10)
-    in_span = complement_grads(dB, selora.fisher.per_sample_grads(x, x @ A.T, g, B, 0.7, A[:1])[2], A, B, A[:1])
+    in_span = complement_grads(dB, selora.core.fisher.per_sample_grads(x, x @ A.T, g, B, 0.7, A[:1])[2], A, B, A[:1])
     assert in_span.abs().max() < 1e-10, "a candidate inside A's row space has no new direction"
     fresh = complement_grads(dB, dB_new, A, torch.zeros_like(B), K)
     assert torch.allclose(fresh, (dB_new - dB @ (K @ torch.linalg.pinv(A)).T).reshape(n, -1)), "B = 0 spans nothing"
@@ -131,7 +131,7 @@ def test_reduce_over_two_halves_equals_the_whole_batch():
     model, x, y = model_and_data()
     K = {
         name: layer.draw_rows(1, torch.Generator().manual_seed(9))
-        for name, layer in selora.layers.lora_layers(model).items()
+        for name, layer in selora.core.layers.lora_layers(model).items()
     }
     whole = decide(model, x, y, K)
     seen = []
@@ -147,8 +147,8 @@ def test_reduce_over_two_halves_equals_the_whole_batch():
 
 def test_signal_criterion_keeps_the_fisher_values_and_records_the_test():
     model, x, y = model_and_data(1)
-    names = list(selora.layers.lora_layers(model))
-    K = {n: selora.layers.lora_layers(model)[n].draw_rows(1, torch.Generator().manual_seed(4)) for n in names}
+    names = list(selora.core.layers.lora_layers(model))
+    K = {n: selora.core.layers.lora_layers(model)[n].draw_rows(1, torch.Generator().manual_seed(4)) for n in names}
     signal = decide(model, x, y, K)
     fisher = ExpansionController(model, None, interval=1, max_rank=2)
     fisher._rearm(K)

@@ -1,4 +1,4 @@
-"""selora.slider: precomputed matplotlib frames behind an HTML range input (works on a static page)."""
+"""selora.book.slider: precomputed matplotlib frames behind an HTML range input (works on a static page)."""
 
 import base64
 import io
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from selora.slider import frame_slider
+from selora.book.slider import frame_slider
 
 
 class _Tags(HTMLParser):

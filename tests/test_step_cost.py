@@ -1,4 +1,4 @@
-"""selora.step_cost: the cost of a plain step, a hook-scored test step and an extra forward/backward."""
+"""selora.book.step_cost: the cost of a plain step, a hook-scored test step and an extra forward/backward."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selora import ExpansionController, inject, trainable_parameters
-from selora.step_cost import SCORING_MODES, scoring_costs
+from selora.book.step_cost import SCORING_MODES, scoring_costs
 
 
 def _mlp_and_batch(kind):

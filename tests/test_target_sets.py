@@ -1,7 +1,7 @@
 """Which layers did the paper adapt? Count LoRA r = 4 on every candidate target set at SD v1.5's widths.
 
 The paper's text says "every linear layer"; its Sec. 4 parameter counts for LoRA r = 4 (0.803 M in
-the UNet, 0.216 M in the text encoder, :data:`selora.paper.TRAINABLE_IU_XRAY`) decide between the
+the UNet, 0.216 M in the text encoder, :data:`selora.book.paper.TRAINABLE_IU_XRAY`) decide between the
 readings. SD v1.5's UNet and CLIP text encoder are built at full width on the meta device (shapes
 only, no memory, seconds) with the module structure of :mod:`selora.sd15`.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selora import paper
+from selora.book import paper
 from selora.config import TrainConfig, config_path, load_config, read_config_file
-from selora.inject import select_linear
+from selora.core.inject import select_linear
 from selora.models import load_pipeline
 from selora.params import lora_count
 from selora.report import module_kind

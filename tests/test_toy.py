@@ -1,9 +1,9 @@
-"""selora.toy: planted-rank tasks, the stacked model, the training loop, SD-1.5 layer shapes."""
+"""selora.book.toy: planted-rank tasks, the stacked model, the training loop, SD-1.5 layer shapes."""
 
 import pytest
 import torch
 
-from selora import toy
+from selora.book import toy
 
 
 def test_planted_delta_has_the_planted_rank_and_singular_values():

@@ -1,4 +1,4 @@
-"""selora.viz: the method colour map and the small plotting helpers."""
+"""selora.book.viz: the method colour map and the small plotting helpers."""
 
 import matplotlib
 
@@ -7,7 +7,7 @@ import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import pytest
 
-from selora import viz
+from selora.book import viz
 
 
 def test_method_colours_are_valid_and_distinct():

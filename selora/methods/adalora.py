@@ -26,7 +26,7 @@ from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from selora.inject import replace_modules
+from selora.core.inject import replace_modules
 from selora.methods.base import Adapters, Factors, MethodConfig, RankChange, Targets, resolve_targets
 
 ADAPTER = "default"

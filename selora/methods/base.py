@@ -11,7 +11,7 @@ One training step, as the trainer drives it::
     optimizer.zero_grad()
 
 A method is a subclass of :class:`Adapters` registered in :data:`selora.methods.METHODS`. The base
-class is the plain LoRA family (:class:`~selora.layers.LoRALinear` and subclasses): every hook is a
+class is the plain LoRA family (:class:`~selora.core.layers.LoRALinear` and subclasses): every hook is a
 no-op, the adapter factors are ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``.
 """
 
@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Protocol, Union
 import torch
 from torch import nn
 
-from selora.inject import inject, replace_modules, select_linear
-from selora.layers import LoRALinear, lora_layers
+from selora.core.inject import inject, replace_modules, select_linear
+from selora.core.layers import LoRALinear, lora_layers
 
 
 class MethodConfig(Protocol):
@@ -44,7 +44,7 @@ class MethodConfig(Protocol):
     signal_window: int
 
 
-#: A preset, a list of names/regexes (see :func:`selora.inject`), or ``{submodule: those}`` to give
+#: A preset, a list of names/regexes (see :func:`selora.core.inject`), or ``{submodule: those}`` to give
 #: parts of one model their own targets, e.g. ``{"unet": "paper-unet", "text_encoder": "paper-text-encoder"}``.
 Targets = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]  # noqa: UP007 (run-time alias, Python 3.10)
 #: ``reduce(t) -> t`` summed over processes (DDP); identity with one process.
@@ -74,14 +74,14 @@ def _join(prefix: str, name: str) -> str:
 
 
 def resolve_targets(model: nn.Module, targets: Targets) -> list[str]:
-    """Qualified names of the ``nn.Linear`` modules ``targets`` selects (rules of :func:`selora.inject`)."""
+    """Qualified names of the ``nn.Linear`` modules ``targets`` selects (rules of :func:`selora.core.inject`)."""
     return [_join(prefix, n) for prefix, sub, spec in _parts(model, targets) for n in select_linear(sub, spec)]
 
 
 def inject_parts(
     model: nn.Module, targets: Targets, kind: str, rank: int, scale: float, generator: torch.Generator | None
 ) -> dict[str, LoRALinear]:
-    """:func:`selora.inject` on every part of ``targets``; everything else frozen; qualified names."""
+    """:func:`selora.core.inject` on every part of ``targets``; everything else frozen; qualified names."""
     model.requires_grad_(False)
     layers = {}
     for prefix, sub, spec in _parts(model, targets):
@@ -98,7 +98,7 @@ class Adapters:
     """
 
     name: ClassVar[str] = "lora"
-    kind: ClassVar[str] = "lora"  # the selora.inject layer kind
+    kind: ClassVar[str] = "lora"  # the selora.core.inject layer kind
     rank_field: ClassVar[str] = "lora_rank"
     default_rank: ClassVar[int] = 4
 

@@ -7,7 +7,7 @@ importance ("nested dropout"), and any prefix is a working adapter at inference.
 components are trained (the paper's non-frozen variant); the rest get exactly zero gradient.
 
 In this package ``scaling`` is the full-rank scale (α/r), so truncation b uses ``scaling · r / b``;
-at b = r a DyLoRA layer computes exactly what a :class:`~selora.layers.LoRALinear` computes.
+at b = r a DyLoRA layer computes exactly what a :class:`~selora.core.layers.LoRALinear` computes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selora.inject import replace_modules
-from selora.layers import LoRALinear, RowInit
+from selora.core.inject import replace_modules
+from selora.core.layers import LoRALinear, RowInit
 from selora.methods.base import Adapters, Targets, inject_parts
 
 

@@ -1,5 +1,5 @@
-"""SeLoRA as a method: rank-1 :class:`~selora.layers.SeLoRALinear` adapters grown by ONE
-:class:`~selora.expansion.ExpansionController` over the whole model (one step count, one K
+"""SeLoRA as a method: rank-1 :class:`~selora.core.layers.SeLoRALinear` adapters grown by ONE
+:class:`~selora.core.expansion.ExpansionController` over the whole model (one step count, one K
 generator, one all-reduce of the Fisher statistics across processes), so the per-sample Fisher of
 Eq. 3-5 comes from the training step's own backward."""
 
@@ -11,14 +11,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from selora.expansion import ExpansionController
-from selora.layers import SeLoRALinear
+from selora.core.expansion import ExpansionController
+from selora.core.layers import SeLoRALinear
 from selora.methods.base import Adapters, MethodConfig, RankChange, Reduce, Targets
 
 
 class SeLoRAAdapters(Adapters):
     """SeLoRA (Algorithm 1): rank ``start_rank``, an expansion test every ``interval`` steps
-    (``criterion``: the paper's FI-Ratio, or the signal test of :mod:`selora.signal` at level
+    (``criterion``: the paper's FI-Ratio, or the signal test of :mod:`selora.core.signal` at level
     ``alpha`` over the last ``window`` steps of each interval)."""
 
     name: ClassVar[str] = "selora"

@@ -1,5 +1,5 @@
 """What scoring an expansion costs: a plain training step, a SeLoRA test step whose Fisher statistics
-come from the step's own backward (:mod:`selora.fisher`), and a step with the extra forward/backward
+come from the step's own backward (:mod:`selora.core.fisher`), and a step with the extra forward/backward
 pass that the authors' code runs to score (chapter 4). Each is measured two ways: matrix-product
 FLOPs counted by torch's ``FlopCounterMode`` (exact, the same on every machine) and wall-clock time
 (this machine, its load; ``benchmarks/core.py`` measures time ratios at SD v1.5's widths).
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from selora.expansion import ExpansionController
+from selora.core.expansion import ExpansionController
 
 __all__ = ["SCORING_MODES", "StepCost", "scoring_costs"]
 

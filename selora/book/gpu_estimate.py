@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from selora.inject import inject
+from selora.core.inject import inject
 from selora.paths import ASSETS_DIR
 
 BENCHMARK_RESULTS = ASSETS_DIR / "benchmarks" / "results.json"

@@ -29,8 +29,8 @@ from functools import partial
 
 import torch
 
-from selora.layers import LoRALinear
-from selora.signal import complement_grads, signal_row
+from selora.core.layers import LoRALinear
+from selora.core.signal import complement_grads, signal_row
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -107,7 +107,7 @@ class LayerCapture:
     :attr:`stats` = ``[sum_i ||dL_i/d(A,B)||^2, sum_i ||dL_i/dB_new||^2, number of samples]``.
     Several forward/backward passes (gradient accumulation) add up as more samples; forwards whose
     output never receives a gradient (e.g. recomputation under activation checkpointing) add nothing.
-    With ``signal=True`` the flush also adds :func:`selora.signal.signal_row` of the new column's
+    With ``signal=True`` the flush also adds :func:`selora.core.signal.signal_row` of the new column's
     complement gradients (at the layer's parameters of that backward) to :attr:`signal_stats`.
     """
 
@@ -125,7 +125,7 @@ class LayerCapture:
         self._sums: list[torch.Tensor] | None = None  # running per-sample (dA, dB, dB_new) of this pass
         self._flush_queued = False
         self.stats: torch.Tensor | None = None  # (3,)
-        self.signal_stats: torch.Tensor | None = None  # (4 + out * k,), selora.signal.signal_row summed
+        self.signal_stats: torch.Tensor | None = None  # (4 + out * k,), selora.core.signal.signal_row summed
 
     def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Called by the layer's forward: ``x`` input, ``u = x A^T``, ``z`` branch output, ``lora_B``."""

@@ -31,7 +31,7 @@ def kaiming_rows(rows: int, in_features: int, generator: torch.Generator | None 
 
 
 class Capture(Protocol):
-    """What an armed layer calls in its forward (see :mod:`selora.fisher`)."""
+    """What an armed layer calls in its forward (see :mod:`selora.core.fisher`)."""
 
     def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None: ...
 
@@ -49,7 +49,7 @@ class LoRALinear(nn.Module):
         generator: optional CPU generator for the initial ``lora_A`` rows.
 
     Inputs have shape ``(..., in_features)`` and the layer's dtype; the first dimension is the
-    sample dimension for Fisher statistics (:mod:`selora.fisher`).
+    sample dimension for Fisher statistics (:mod:`selora.core.fisher`).
     """
 
     _capture: Capture | None = None
@@ -151,7 +151,7 @@ class SeLoRALinear(LoRALinear):
         ``K`` ``(k, in_features)`` defaults to fresh Kaiming-uniform rows. ``lora_A`` and ``lora_B``
         are replaced by NEW ``nn.Parameter`` objects (an in-place ``.data`` resize while a previous
         graph is alive makes autograd sum gradients back to the old shape); any optimizer holding
-        the old ones must be updated (:func:`selora.optim.replace_parameters`). Returns the
+        the old ones must be updated (:func:`selora.core.optim.replace_parameters`). Returns the
         installed K ``(k, in_features)``.
         """
         if int(k) != k or k < 1:
@@ -183,7 +183,7 @@ def ranks(model: nn.Module) -> dict[str, int]:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``model`` with ``requires_grad`` (after :func:`selora.inject`: the adapters)."""
+    """The parameters of ``model`` with ``requires_grad`` (after :func:`selora.core.inject`: the adapters)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -107,7 +107,7 @@ class PlantedStack(nn.Module):
     """Independent linear layers side by side: input (N, L·d) is split into L chunks of d.
 
     ``layers[j]`` maps chunk j (N, d) to output chunk j (N, d_out); the output is (N, L·d_out). The
-    layers are registered as ``layer0``, ``layer1``, ... so ``selora.inject`` can target them.
+    layers are registered as ``layer0``, ``layer1``, ... so ``selora.core.inject`` can target them.
     """
 
     def __init__(self, layers: Sequence[nn.Module], width: int):
@@ -256,7 +256,7 @@ def score_once(
     (``max_rank=1``). Returns ``({name: Decision}, {name: the candidate K (1, in) it scored})``;
     gradients are cleared afterwards and the model is left as it was.
     """
-    from selora.expansion import ExpansionController
+    from selora.core.expansion import ExpansionController
 
     ctl = ExpansionController(model, None, threshold=1.0, interval=1, max_rank=1, generator=generator)
     try:
@@ -311,10 +311,10 @@ def planted_run(
     ``kind="selora"``: every layer starts at rank ``rank`` and an ExpansionController
     (``threshold``, ``interval``, ``max_rank``, ``criterion``, ``alpha``, ``window``) grows it.
     ``kind="lora"``: fixed ranks, ``rank`` an int or one rank per layer. ``init(layer)`` may return
-    a row initialiser for K (``selora.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
+    a row initialiser for K (``selora.core.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
     """
-    from selora.expansion import ExpansionController
-    from selora.layers import LoRALinear, SeLoRALinear, num_trainable, trainable_parameters
+    from selora.core.expansion import ExpansionController
+    from selora.core.layers import LoRALinear, SeLoRALinear, num_trainable, trainable_parameters
 
     if kind not in ("selora", "lora"):
         raise ValueError(f"kind={kind!r}: expected 'selora' or 'lora'")
@@ -362,7 +362,7 @@ def rms_matched_rows(layer: nn.Module) -> Callable[[int, int, torch.Generator | 
     This book's exploration (not the paper's method): with K as large as an average existing row,
     ``‖K‖² / ‖A‖²_F = 1 / r`` whatever training did to the scale of A.
     """
-    from selora.layers import kaiming_rows
+    from selora.core.layers import kaiming_rows
 
     def init(rows: int, in_features: int, generator: torch.Generator | None = None) -> Tensor:
         K = kaiming_rows(rows, in_features, generator)

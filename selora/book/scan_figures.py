@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from selora.viz import gray_array
+from selora.book.viz import gray_array
 
 
 def case_grid(images: Sequence, prompts: Sequence[str], ncols: int, title: str, width: int = 30) -> Figure:

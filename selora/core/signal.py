@@ -3,7 +3,7 @@ per-sample gradient stand above what sampling noise alone would give?
 
 The paper's FI-Ratio (Eq. 5) compares mean SQUARED per-sample gradients, which noise fills as much
 as signal (chapter 4: ratio ~ 1 + ||K||^2 / ||A||_F^2). Here, from the per-sample gradients the
-hooks already compute (:func:`selora.fisher.per_sample_grads`), take for each sample i the gradient
+hooks already compute (:func:`selora.core.fisher.per_sample_grads`), take for each sample i the gradient
 of the new B column restricted to what the current rank cannot already do (the complement of the
 rank-r tangent space ``{X A + B Y}``, flattened to ``d = out * k``):
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from selora.stats import beta_sf
+from selora.core.betainc import beta_sf
 
 #: Scalar columns of a layer's signal row, before its summed gradient S (d,).
 SIGNAL_SCALARS = 4

@@ -9,13 +9,13 @@ Training loop contract::
 
 Every ``interval``-th ``step()`` is a test step. At the end of the step before it (at construction
 when ``interval == 1``) the controller ARMS every SeLoRA layer and draws its candidate rows K;
-the test step's forward/backward then captures exact per-sample statistics (:mod:`selora.fisher`)
+the test step's forward/backward then captures exact per-sample statistics (:mod:`selora.core.fisher`)
 at the parameters of that backward — no extra pass, no call of the model. ``step()`` on the test
 step scores each layer (Eq. 3-5), expands where FI_exp / FI_orig >= threshold and
 rank < max_rank (``criterion="fi-ratio"``, the paper's rule), or where the new column's mean
 per-sample gradient stands above sampling noise at level ``alpha`` (``criterion="signal"``, this
-book's test: :mod:`selora.signal`), installing the K that was scored (Eq. 2), disarms, and swaps the grown
-parameters into the optimizer (:mod:`selora.optim`). Unarmed layers pay one ``is None`` check.
+book's test: :mod:`selora.core.signal`), installing the K that was scored (Eq. 2), disarms, and swaps the grown
+parameters into the optimizer (:mod:`selora.core.optim`). Unarmed layers pay one ``is None`` check.
 A step that is skipped calls ``discard()`` instead of ``step()``: what its backward captured is
 dropped and the next forward/backward is captured afresh for the same test (same K).
 """
@@ -30,17 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from selora.fisher import LOSS_REDUCTIONS, LayerCapture, fi_ratio, fi_scores
-from selora.layers import SeLoRALinear, lora_layers
-from selora.optim import check_supported, replace_parameters
-from selora.signal import SIGNAL_SCALARS, SignalScore, signal_score
+from selora.core.fisher import LOSS_REDUCTIONS, LayerCapture, fi_ratio, fi_scores
+from selora.core.layers import SeLoRALinear, lora_layers
+from selora.core.optim import check_supported, replace_parameters
+from selora.core.signal import SIGNAL_SCALARS, SignalScore, signal_score
 
 #: ``reduce(stats) -> stats``, an elementwise SUM (e.g. an all-reduce across DDP ranks). The
 #: fi-ratio criterion passes a ``(layers, 3)`` table of [sum of squared per-sample gradient norms
 #: (A, B), same for the new B columns, sample count]; the signal criterion one flat vector: that
-#: table, then each layer's :func:`selora.signal.signal_row` (summed before any square is taken).
+#: table, then each layer's :func:`selora.core.signal.signal_row` (summed before any square is taken).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-#: The expansion tests: the paper's FI-Ratio (Eq. 5) and this book's signal test (selora.signal).
+#: The expansion tests: the paper's FI-Ratio (Eq. 5) and this book's signal test (selora.core.signal).
 CRITERIA = ("fi-ratio", "signal")
 
 
@@ -51,7 +51,7 @@ class Decision:
     ``fi_orig``/``fi_exp``: FI-Scores (Eq. 4) of the layer and of the layer expanded by the scored K;
     ``ratio = fi_exp / fi_orig`` (Eq. 5, working direction, >= 1; ``inf`` if only fi_exp > 0, ``nan``
     for 0/0, e.g. a layer that was not used); ``expanded``: whether the rank grew by one.
-    Under the signal criterion also ``signal`` (R), ``dof`` (nu) and ``p_value`` (:mod:`selora.signal`);
+    Under the signal criterion also ``signal`` (R), ``dof`` (nu) and ``p_value`` (:mod:`selora.core.signal`);
     ``nan`` under the fi-ratio criterion.
     """
 
@@ -77,7 +77,7 @@ def _layers(model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.M
     if bad:
         raise TypeError(f"ExpansionController: not SeLoRALinear layers: {bad[:5]}")
     if not layers:
-        raise ValueError("ExpansionController: no SeLoRALinear layer found (did you call selora.inject?)")
+        raise ValueError("ExpansionController: no SeLoRALinear layer found (did you call selora.core.inject?)")
     return layers
 
 
@@ -86,7 +86,7 @@ class ExpansionController:
 
     Args:
         model_or_layers: a model (its ``SeLoRALinear`` modules, named by qualified name), a dict
-            ``{name: layer}`` such as :func:`selora.inject` returns, or a list of layers.
+            ``{name: layer}`` such as :func:`selora.core.inject` returns, or a list of layers.
         optimizer: the optimizer holding every adapter parameter (Adam, AdamW or SGD), or None.
         threshold: lambda; expand when FI_exp / FI_orig >= threshold (paper: 1.1).
         interval: t, test every t-th ``step()`` (paper: 40).

@@ -31,7 +31,7 @@ class SourceBlock:
 
     @property
     def where(self) -> str:
-        """``selora/expansion.py, lines 10–20`` (the path relative to the package's parent)."""
+        """``selora/core/expansion.py, lines 10–20`` (the path relative to the package's parent)."""
         return f"{self.path.relative_to(PACKAGE_DIR.parent).as_posix()}, lines {self.first}–{self.last}"
 
 

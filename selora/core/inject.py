@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from selora.layers import LoRALinear, RowInit, SeLoRALinear
+from selora.core.layers import LoRALinear, RowInit, SeLoRALinear
 
 #: Target presets. Module names are those of diffusers 0.42 ``UNet2DConditionModel`` and
 #: transformers 5.x ``CLIPTextModel``. The paper's text says "every linear layer"; its parameter
@@ -123,7 +123,7 @@ def inject(
         kind: ``"selora"`` (:class:`SeLoRALinear`) or ``"lora"`` (:class:`LoRALinear`).
         rank: initial rank; default 1 for SeLoRA and 4 for LoRA.
         scale: the adapters' fixed ``scaling``.
-        init, generator: row initialiser and CPU generator for ``lora_A`` (see :mod:`selora.layers`).
+        init, generator: row initialiser and CPU generator for ``lora_A`` (see :mod:`selora.core.layers`).
 
     Returns ``{qualified name: adapter}`` in model order. Afterwards only the adapters'
     ``lora_A``/``lora_B`` require grad. A linear module reachable under several names is wrapped
