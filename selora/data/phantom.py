@@ -15,9 +15,10 @@ convention: the patient's right is on the image's left. Everything follows from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ BILATERAL = {
     "scarring": ("bilateral apical scarring", "bilateral upper lobe fibrosis"),
 }
 SUFFIXES = ("", "", "", "; consistent with TB", "; PTB", "; old TB")
+Phrases = dict[str, tuple[str, ...]]
 
 
 @dataclass
@@ -55,14 +57,14 @@ class Patient:
     anatomy: dict[str, float]
     findings: list[tuple[str, str]] = field(default_factory=list)  # (kind, side)
 
-    def reading(self, rng: np.random.Generator) -> str:
-        """The findings line written in the readings file."""
+    def reading(self, rng: np.random.Generator, phrases: Phrases = PHRASES, bilateral: Phrases = BILATERAL) -> str:
+        """The findings line written in the readings file, in the vocabulary ``phrases``/``bilateral``."""
         if not self.findings:
             return "normal"
         parts = []
         for kind, side in self.findings:
-            phrases = BILATERAL[kind] if side == "bilateral" else PHRASES[kind]
-            parts.append(str(rng.choice(phrases)).format(side=side))
+            options = bilateral[kind] if side == "bilateral" else phrases[kind]
+            parts.append(str(rng.choice(options)).format(side=side))
         return ", ".join(parts) + rng.choice(SUFFIXES)
 
 
@@ -115,36 +117,49 @@ def _draw_finding(
 ) -> None:
     """Add one finding to the density image ``img`` in place (sides are the patient's)."""
     for s in SIDES if side == "bilateral" else (side,):
-        sgn = -1.0 if s == "right" else 1.0
-        lung = lungs[s]
-        if kind in ("cavity", "infiltrate"):
-            cx, cy = _zone(s, an, 0.22)
-            for _ in range(7):  # patchy consolidation around the upper zone
-                bx, by = cx + rng.normal(0, 0.04), cy + rng.normal(0.02, 0.035)
-                img += 0.2 * lung * _ellipse(x, y, bx, by, rng.uniform(0.06, 0.09), rng.uniform(0.05, 0.08), 0.8)
-            if kind == "cavity":  # bright wall, air-filled centre
-                r = rng.uniform(0.055, 0.07)
-                img += 0.35 * _ellipse(x, y, cx, cy, r * 1.35, r * 1.1, 0.5)
-                img -= 0.55 * _ellipse(x, y, cx, cy, r, r * 0.8, 0.3)
-        elif kind == "effusion":  # fluid level with a meniscus rising laterally: blunted angle
-            level = an["base"] - 0.1 - 0.14 * np.clip(((x - 0.5) * sgn - 0.06) / an["lung_w"], 0, 1) ** 2
-            img += 0.45 * lung * np.clip((y - level) / 0.025, 0, 1)
-        elif kind == "scarring":  # streaks from the apex towards the hilum
-            cx, cy = _zone(s, an, 0.12)
-            for k in range(4):
-                ang = np.deg2rad(60 + 15 * k + rng.normal(0, 4))
-                dx, dy = -sgn * np.cos(ang), np.sin(ang)
-                dist = (x - cx) * dy - (y - cy) * dx
-                along = (x - cx) * dx + (y - cy) * dy
-                img += 0.3 * lung * _band(dist, 0.009, 0.006) * (np.abs(along - 0.06) < 0.13)
-        elif kind == "granuloma":
-            cx, cy = _zone(s, an, 0.5)
-            img += 0.6 * _ellipse(x, y, cx + rng.normal(0, 0.02), cy, 0.028, 0.022, 0.5)
-        elif kind == "thickening":
-            inside = (y > an["apex"] + 0.05) * (y < an["base"])
-            img += 0.35 * _band(x - _lateral_edge(y, sgn, an) + sgn * 0.03, 0.025, 0.01) * inside
-        elif kind == "adenopathy":
-            img += 0.35 * _ellipse(x, y, 0.5 + sgn * 0.09, an["hilum"], 0.05, 0.06, 0.5)
+        _draw_on_side(img, x, y, kind, s, an, lungs[s], rng)
+
+
+def _draw_on_side(
+    img: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    kind: str,
+    s: str,
+    an: dict[str, float],
+    lung: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Add one finding on the patient's side ``s`` (its lung mask ``lung``) to ``img`` in place."""
+    sgn = -1.0 if s == "right" else 1.0
+    if kind in ("cavity", "infiltrate"):
+        cx, cy = _zone(s, an, 0.22)
+        for _ in range(7):  # patchy consolidation around the upper zone
+            bx, by = cx + rng.normal(0, 0.04), cy + rng.normal(0.02, 0.035)
+            img += 0.2 * lung * _ellipse(x, y, bx, by, rng.uniform(0.06, 0.09), rng.uniform(0.05, 0.08), 0.8)
+        if kind == "cavity":  # bright wall, air-filled centre
+            r = rng.uniform(0.055, 0.07)
+            img += 0.35 * _ellipse(x, y, cx, cy, r * 1.35, r * 1.1, 0.5)
+            img -= 0.55 * _ellipse(x, y, cx, cy, r, r * 0.8, 0.3)
+    elif kind == "effusion":  # fluid level with a meniscus rising laterally: blunted angle
+        level = an["base"] - 0.1 - 0.14 * np.clip(((x - 0.5) * sgn - 0.06) / an["lung_w"], 0, 1) ** 2
+        img += 0.45 * lung * np.clip((y - level) / 0.025, 0, 1)
+    elif kind == "scarring":  # streaks from the apex towards the hilum
+        cx, cy = _zone(s, an, 0.12)
+        for k in range(4):
+            ang = np.deg2rad(60 + 15 * k + rng.normal(0, 4))
+            dx, dy = -sgn * np.cos(ang), np.sin(ang)
+            dist = (x - cx) * dy - (y - cy) * dx
+            along = (x - cx) * dx + (y - cy) * dy
+            img += 0.3 * lung * _band(dist, 0.009, 0.006) * (np.abs(along - 0.06) < 0.13)
+    elif kind == "granuloma":
+        cx, cy = _zone(s, an, 0.5)
+        img += 0.6 * _ellipse(x, y, cx + rng.normal(0, 0.02), cy, 0.028, 0.022, 0.5)
+    elif kind == "thickening":
+        inside = (y > an["apex"] + 0.05) * (y < an["base"])
+        img += 0.35 * _band(x - _lateral_edge(y, sgn, an) + sgn * 0.03, 0.025, 0.01) * inside
+    elif kind == "adenopathy":
+        img += 0.35 * _ellipse(x, y, 0.5 + sgn * 0.09, an["hilum"], 0.05, 0.06, 0.5)
 
 
 def render(
@@ -206,13 +221,18 @@ def random_patient(rng: np.random.Generator, abnormal: bool) -> Patient:
         "bone": float(np.clip(1.15 - 0.009 * age + rng.normal(0, 0.04), 0.25, 1.1)),  # density falls with age
         "exposure": 1.0 + rng.normal(0, 0.03),
     }
-    findings: list[tuple[str, str]] = []
-    if abnormal:
-        kinds = rng.choice(list(PHRASES), size=int(rng.integers(1, 3)), replace=False)
-        for kind in kinds:
-            bilateral = kind in BILATERAL and rng.random() < 0.25
-            findings.append((str(kind), "bilateral" if bilateral else str(rng.choice(SIDES))))
-    return Patient(sex, age, sex, anatomy, findings)
+    return Patient(sex, age, sex, anatomy, random_findings(rng) if abnormal else [])
+
+
+def random_findings(
+    rng: np.random.Generator, phrases: Phrases = PHRASES, bilateral: Phrases = BILATERAL
+) -> list[tuple[str, str]]:
+    """One or two distinct finding kinds of ``phrases``, each on a side (bilateral in 1 of 4 where it can be)."""
+    findings = []
+    for kind in rng.choice(list(phrases), size=int(rng.integers(1, 3)), replace=False):
+        both = kind in bilateral and rng.random() < 0.25
+        findings.append((str(kind), "bilateral" if both else str(rng.choice(SIDES))))
+    return findings
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -220,6 +240,85 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     Image.fromarray(arr).save(path, format="PNG")
+
+
+def check_counts(n_cases: int, n_normal: int) -> None:
+    """Refuse case counts the quirks of :func:`plan_cases` cannot be written into (ValueError, one line)."""
+    if not 8 <= n_cases <= 9999 or not 4 <= n_normal <= n_cases - 4:
+        raise ValueError(
+            f"n_cases={n_cases}, n_normal={n_normal}: need 8 <= n_cases <= 9999 and "
+            "4 <= n_normal <= n_cases - 4 (the quirks need four scans of each kind)"
+        )
+
+
+def plan_cases(
+    rng: np.random.Generator,
+    n_cases: int,
+    n_normal: int,
+    new_patient: Callable[[np.random.Generator, bool], Patient],
+    phrases: Phrases = PHRASES,
+    bilateral: Phrases = BILATERAL,
+) -> list[tuple[str, Patient, str]]:
+    """(file stem, patient, findings line) of every case, sorted by id, with the real set's quirks.
+
+    ``new_patient(rng, abnormal)`` draws one patient; the findings lines use ``phrases``/``bilateral``.
+    Quirks: three repeat patients ("same pt as …", one of them ``NO REPORT``; a repeat is the same
+    patient a year older) and one sex ``O``.
+    """
+    ids = np.sort(rng.choice(np.arange(1, max(400, n_cases + 1)), size=n_cases, replace=False))
+    labels = np.zeros(n_cases, bool)
+    labels[rng.choice(n_cases, size=n_cases - n_normal, replace=False)] = True
+    names = [f"MCUCXR_{i:04d}_{int(a)}" for i, a in zip(ids, labels)]
+    patients = [new_patient(rng, bool(a)) for a in labels]
+    readings = [p.reading(rng, phrases, bilateral) for p in patients]
+    abn, nor = np.flatnonzero(labels), np.flatnonzero(~labels)
+    repeats = [
+        (abn[0], abn[-1], "stable CXR since 6M; off Rx since 6M"),
+        (abn[1], abn[-2], "NO REPORT"),
+        (nor[0], nor[-1], "normal"),
+    ]
+    for first, again, text in repeats:  # a later scan of an earlier patient
+        patients[again] = dataclasses.replace(patients[first], age=patients[first].age + 1)
+        readings[again] = f"{text} (same pt as {names[first]})"
+    patients[nor[1]].sex = "O"
+    return list(zip(names, patients, readings))
+
+
+def write_set(
+    out: Path | str,
+    cases: Sequence[tuple[str, Patient, str]],
+    draw: Callable[[str, Patient], tuple[np.ndarray, dict[str, np.ndarray]]],
+    readme: tuple[str, str],
+    zip_archive: bool = False,
+) -> Path:
+    """Write ``out/MontgomerySet`` (atomically) in the real set's layout and return it.
+
+    ``draw(stem, patient)`` gives (12-bit image, uint16 (H, W); lung masks by patient side, bool
+    (H, W)); ``readme`` is (file name, text) of a note saying what the set is. Quirks of the real
+    files: trailing spaces after the sex, zero-padded ages, a Thumbs.db and a .DS_Store.
+    """
+    out = Path(out)
+    top = out / "MontgomerySet"
+    if top.exists():
+        raise FileExistsError(f"{top} exists; choose an empty --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(top) as stage:
+        for sub in ("CXR_png", "ClinicalReadings", "ManualMask/leftMask", "ManualMask/rightMask"):
+            (stage / sub).mkdir(parents=True)
+        for name, patient, text in cases:
+            pixels, masks = draw(name, patient)
+            _write_png(stage / "CXR_png" / f"{name}.png", pixels)
+            _write_png(stage / "ManualMask/leftMask" / f"{name}.png", masks["left"])
+            _write_png(stage / "ManualMask/rightMask" / f"{name}.png", masks["right"])
+            (stage / "ClinicalReadings" / f"{name}.txt").write_text(
+                f"Patient's Sex: {patient.sex} \nPatient's Age: {patient.age:03d}Y\n{text} \n", encoding="utf-8"
+            )
+        (stage / "CXR_png" / "Thumbs.db").write_bytes(b"\0" * 16)
+        (stage / "ManualMask" / ".DS_Store").write_bytes(b"\0" * 16)
+        (stage / readme[0]).write_text(readme[1], encoding="utf-8")
+    if zip_archive:
+        write_zip(top, out / "NLM-MontgomeryCXRSet.zip")
+    return top
 
 
 def make_phantom_set(
@@ -232,62 +331,18 @@ def make_phantom_set(
 ) -> Path:
     """Write ``out/MontgomerySet`` (atomically) and return it; optionally also the NLM-style zip.
 
-    Quirks of the real files are reproduced: trailing spaces after the sex, zero-padded ages,
-    three repeat patients ("same pt as …", one of them ``NO REPORT``), one sex ``O``, a
-    Thumbs.db and a .DS_Store. ``size`` is (width, height).
+    The layout and quirks are those of :func:`plan_cases` and :func:`write_set`. ``size`` is
+    (width, height).
     """
-    if not 8 <= n_cases <= 9999 or not 4 <= n_normal <= n_cases - 4:
-        raise ValueError(
-            f"n_cases={n_cases}, n_normal={n_normal}: need 8 <= n_cases <= 9999 and "
-            "4 <= n_normal <= n_cases - 4 (the quirks need four scans of each kind)"
-        )
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(np.arange(1, max(400, n_cases + 1)), size=n_cases, replace=False))
-    labels = np.zeros(n_cases, bool)
-    labels[rng.choice(n_cases, size=n_cases - n_normal, replace=False)] = True
-    names = [f"MCUCXR_{i:04d}_{int(a)}" for i, a in zip(ids, labels)]
-    patients = [random_patient(rng, bool(a)) for a in labels]
-    readings = [p.reading(rng) for p in patients]
-    abn, nor = np.flatnonzero(labels), np.flatnonzero(~labels)
-    repeats = [
-        (abn[0], abn[-1], "stable CXR since 6M; off Rx since 6M"),
-        (abn[1], abn[-2], "NO REPORT"),
-        (nor[0], nor[-1], "normal"),
-    ]
-    for first, again, text in repeats:  # a later scan of an earlier patient
-        patients[again] = Patient(
-            patients[first].sex,
-            patients[first].age + 1,
-            patients[first].build,
-            patients[first].anatomy,
-            patients[first].findings,
-        )
-        readings[again] = f"{text} (same pt as {names[first]})"
-    patients[nor[1]].sex = "O"
-    top = out / "MontgomerySet"
-    if top.exists():
-        raise FileExistsError(f"{top} exists; choose an empty --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(top) as stage:
-        for sub in ("CXR_png", "ClinicalReadings", "ManualMask/leftMask", "ManualMask/rightMask"):
-            (stage / sub).mkdir(parents=True)
-        for name, patient, text in zip(names, patients, readings):
-            pixels, masks = render(patient, size, np.random.default_rng([seed, int(name[7:11])]))
-            _write_png(stage / "CXR_png" / f"{name}.png", np.round(pixels * 4095).astype(np.uint16))
-            _write_png(stage / "ManualMask/leftMask" / f"{name}.png", masks["left"])
-            _write_png(stage / "ManualMask/rightMask" / f"{name}.png", masks["right"])
-            (stage / "ClinicalReadings" / f"{name}.txt").write_text(
-                f"Patient's Sex: {patient.sex} \nPatient's Age: {patient.age:03d}Y\n{text} \n", encoding="utf-8"
-            )
-        (stage / "CXR_png" / "Thumbs.db").write_bytes(b"\0" * 16)
-        (stage / "ManualMask" / ".DS_Store").write_bytes(b"\0" * 16)
-        (stage / "README-PHANTOM.txt").write_text(
-            f"Procedural phantom written by selora.data.phantom (seed={seed}); not patient data.\n", encoding="utf-8"
-        )
-    if zip_archive:
-        write_zip(top, out / "NLM-MontgomeryCXRSet.zip")
-    return top
+    check_counts(n_cases, n_normal)
+    cases = plan_cases(np.random.default_rng(seed), n_cases, n_normal, random_patient)
+
+    def draw(name: str, patient: Patient) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        pixels, masks = render(patient, size, np.random.default_rng([seed, int(name[7:11])]))
+        return np.round(pixels * 4095).astype(np.uint16), masks
+
+    note = f"Procedural phantom written by selora.data.phantom (seed={seed}); not patient data.\n"
+    return write_set(out, cases, draw, ("README-PHANTOM.txt", note), zip_archive)
 
 
 def write_zip(top: Path, archive: Path) -> Path:
@@ -304,8 +359,8 @@ def write_zip(top: Path, archive: Path) -> Path:
     return archive
 
 
-def _size(text: str) -> tuple[int, int]:
-    """Parse ``WxH`` (e.g. 256x312)."""
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``WxH`` (e.g. 256x312), at least 32 each."""
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -315,15 +370,20 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: write a phantom set; print where; exit 2 with one line on bad input."""
-    ap = argparse.ArgumentParser(prog="python -m selora.data.phantom", description=__doc__.split("\n")[0])
+def set_arguments(ap: argparse.ArgumentParser, size: tuple[int, int]) -> None:
+    """The options of a command that writes a Montgomery-layout set (default image ``size`` = (w, h))."""
     ap.add_argument("--out", required=True, type=Path, help="folder to create MontgomerySet/ in")
-    ap.add_argument("--size", type=_size, default=DEFAULT_SIZE, help="WIDTHxHEIGHT, default 256x312")
+    ap.add_argument("--size", type=parse_size, default=size, help=f"WIDTHxHEIGHT, default {size[0]}x{size[1]}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", type=int, default=138)
     ap.add_argument("--normal", type=int, default=80)
     ap.add_argument("--zip", action="store_true", help="also write NLM-MontgomeryCXRSet.zip")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: write a phantom set; print where; exit 2 with one line on bad input."""
+    ap = argparse.ArgumentParser(prog="python -m selora.data.phantom", description=__doc__.split("\n")[0])
+    set_arguments(ap, DEFAULT_SIZE)
     args = ap.parse_args(argv)
     try:
         top = make_phantom_set(args.out, args.cases, args.normal, args.seed, args.size, args.zip)
