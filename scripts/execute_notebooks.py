@@ -24,7 +24,7 @@ from nbclient import NotebookClient
 from selora.io import atomic_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setup_cell import ROOT, chapter_notebooks, sync  # noqa: E402
+from setup_cell import ROOT, chapter_notebooks, sync
 
 PATH_RE = re.compile(r"(?:/work/|/tmp/|/root/|/home/|/private/|/var/folders/)[\w.+-]+(?:/[\w.+-]+)*")
 

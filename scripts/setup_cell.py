@@ -1,7 +1,8 @@
 """The setup cell every chapter opens with, rendered from ``_config.yml``.
 
 ``python scripts/setup_cell.py`` rewrites the first code cell of every chapter listed in
-``_toc.yml`` to this exact text (tagged ``setup``); ``tests/test_book_structure.py`` checks it.
+``_toc.yml`` to this exact text, tagged :data:`TAGS` (``hide-input``: the rendered page shows a
+toggle and the cell's one printed line); ``tests/test_book_structure.py`` checks it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import nbformat
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TAG = "setup"
+#: Tags of the setup cell: ``setup`` marks it, ``hide-input`` folds its source behind a toggle.
+TAGS = ("setup", "hide-input")
 
 TEMPLATE = """\
 # Setup: the same first cell in every chapter (scripts/setup_cell.py).
@@ -70,15 +72,18 @@ def chapter_notebooks() -> list[Path]:
 
 
 def sync(path: Path) -> bool:
-    """Make the first code cell of ``path`` the setup cell; return True if the file changed."""
+    """Make the first code cell of ``path`` the setup cell (source and tags; outputs kept);
+    return True if the file changed."""
     nb = nbformat.read(path, as_version=4)
-    cell = nbformat.v4.new_code_cell(setup_source(), metadata={"tags": [TAG]})
+    cell = nbformat.v4.new_code_cell(setup_source(), metadata={"tags": list(TAGS)})
     codes = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    if codes and TAG in nb.cells[codes[0]].metadata.get("tags", []):
+    if codes and TAGS[0] in nb.cells[codes[0]].metadata.get("tags", []):
         old = nb.cells[codes[0]]
-        if old.source == cell.source:
+        tags = old.metadata.get("tags", [])
+        if old.source == cell.source and all(t in tags for t in TAGS):
             return False
         old.source = cell.source
+        old.metadata["tags"] = tags + [t for t in TAGS if t not in tags]
     else:
         first_code = codes[0] if codes else len(nb.cells)
         nb.cells.insert(first_code, cell)

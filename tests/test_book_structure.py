@@ -54,7 +54,8 @@ def test_chapter_opens_with_the_setup_cell(path):
     assert "".join(first["source"]) == setup_cell.setup_source(), (
         f"{path.name}: first code cell is not the setup cell (run scripts/setup_cell.py)"
     )
-    assert "setup" in first["metadata"].get("tags", []), f"{path.name}: setup cell is not tagged 'setup'"
+    for tag in setup_cell.TAGS:  # 'hide-input': the page shows a toggle and the one printed line
+        assert tag in first["metadata"].get("tags", []), f"{path.name}: setup cell is not tagged {tag!r}"
     assert nb["cells"][0]["cell_type"] == "markdown", f"{path.name} must open with its title"
 
 
@@ -117,3 +118,23 @@ def test_code_cells_fit_the_column(path):
         if len(line) > CODE_COLUMNS
     ]
     assert not wide, f"{path.name}: {len(wide)} code line(s) over {CODE_COLUMNS} characters, e.g. {wide[:3]}"
+
+
+#: Part I pages: each ends with exercises whose worked solutions hide behind a toggle, and a summary box.
+PART_ONE = (
+    "01-lora-from-scratch",
+    "02-zero-init",
+    "03-expansion",
+    "04-fisher-ratio",
+    "algorithm-annotated",
+    "test-cost",
+)
+
+
+@pytest.mark.parametrize("name", PART_ONE)
+def test_part_one_has_solutions_behind_a_toggle_and_a_summary_box(name):
+    nb = json.loads((ROOT / "book" / f"{name}.ipynb").read_text(encoding="utf-8"))
+    hidden = [c for c in nb["cells"] if c["cell_type"] == "code" and "hide-cell" in c["metadata"].get("tags", [])]
+    assert hidden, f"{name}: no worked solution in a hide-cell code cell"
+    closing = "".join(nb["cells"][-1]["source"])
+    assert "## What we learned" in closing and "{admonition}" in closing, f"{name}: no closing summary box"
