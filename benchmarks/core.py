@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import selora
+from selora.core.criteria import FIRatio, SignalTest
 
 #: (width, tokens): UNet levels of SD 1.5 at 224 px (28x28, 14x14, 7x7 latents)
 SD_LEVELS = ((320, 28 * 28), (640, 14 * 14), (1280, 7 * 7))
@@ -74,10 +75,8 @@ def make_step(kind: str, levels: tuple[tuple[int, int], ...], rank: int, batch: 
     if kind == "selora":
         # test mode: every step is a test step; nothing expands, so shapes stay comparable
         interval = 1 if mode in ("test", "signal-test") else 10**9
-        criterion = "signal" if mode == "signal-test" else "fi-ratio"
-        ctl = selora.ExpansionController(
-            model, opt, threshold=1e30, interval=interval, criterion=criterion, max_rank=rank
-        )
+        criterion = SignalTest(alpha=0.001) if mode == "signal-test" else FIRatio(1e30)
+        ctl = selora.ExpansionController(model, opt, criterion, interval=interval, max_rank=rank)
 
     def step() -> None:
         model(xs).backward()

@@ -10,12 +10,14 @@ Every stage works on a fresh copy of the frozen base that shares its weights:
 
 1. **build** SD v1.5's UNet, VAE and CLIP text encoder (:func:`selora.sd15.build_sd15_modules`), on the device.
 2. **methods**: selora, lora, dylora, adalora (``METHODS``, the ``montgomery-paper`` targets) in fp16
-   and bf16 as the trainer runs them (frozen weights in the dtype under autocast, float32 adapters,
-   a GradScaler for fp16, the noise-prediction loss on VAE-encoded batches). SeLoRA tests at EVERY
+   and bf16 through the trainer's own step (:class:`selora.train_step.TrainStep`: frozen weights in
+   the dtype under autocast, float32 adapters, a GradScaler for fp16, the noise-prediction loss on
+   VAE-encoded batches). SeLoRA tests at EVERY
    step (interval 1) with lambda = 1: every layer whose FI ratio is finite grows (Eq. 5 is >= 1), so
    each test also installs the scored K (Eq. 2) and swaps the optimizer's parameters.
-3. **ddp**: a 1-process group (NCCL on CUDA, gloo on the CPU), DDP over the SeLoRA model, Fisher
-   statistics all-reduced, the wrapper rebuilt after each expansion, each test's K digest all-gathered.
+3. **ddp**: a 1-process group (NCCL on CUDA, gloo on the CPU; ``Dist(..., group=True)``), DDP over the
+   SeLoRA model, Fisher statistics all-reduced, the wrapper rebuilt by the step after each expansion,
+   each test's K digest all-gathered.
 4. **speed and memory** of the frozen base, PEFT LoRA r = 4 and SeLoRA rank 1 (plain and
    expansion-test steps, ``benchmarks/sd15.py``'s) at 512 and 224 px, batch 1: the median of ``timed``
    steps after ``warmup`` (CUDA: wall time after a sync; CPU: process time) and the peak memory
@@ -48,12 +50,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from diffusers import DDPMScheduler
-from sd15 import DTYPES, _clock, _sync, machine, make_inputs, make_step, shared_copy
+from sd15 import DTYPES, clock, machine, make_inputs, make_step, shared_copy, sync
 from torch import nn
 
 from selora.config import load_config
-from selora.diffusion import EncodedSplit, noise_prediction_loss, tokenize, training_batch, vae_posterior
-from selora.distributed import close_distributed
+from selora.diffusion import EncodedSplit, tokenize, training_batch, vae_posterior
+from selora.distributed import Dist, close_distributed
+from selora.dtypes import AUTOCAST
 from selora.io import atomic_write_text
 from selora.methods import METHODS, SeLoRAAdapters
 from selora.models import sd15_scheduler_config
@@ -61,7 +64,7 @@ from selora.pipeline import DiffusionModel, add_adapters
 from selora.profile import set_threads
 from selora.sd15 import build_sd15_modules
 from selora.tokenizer import load_clip_tokenizer
-from selora.trainer import AUTOCAST
+from selora.train_step import TrainStep, noise_prediction
 
 #: timed configurations of ``benchmarks/sd15.py`` and the ratios reported between them
 TIMED = ("frozen", "lora_peft", "selora_r1", "selora_test_r1")
@@ -164,47 +167,27 @@ def encoded_batch(vae: nn.Module, plan: Plan) -> tuple[EncodedSplit, torch.Tenso
 
 
 # -- the method and DDP stages --------------------------------------------------------------------
-def train_step(
-    forward: nn.Module, adapters, opt, scaler, batch: tuple, autocast, step: int, max_grad_norm: float | None
-) -> dict[str, Any]:
-    """One optimizer step as ``Trainer.train_step`` takes it (clipped at ``max_grad_norm``); what happened.
+def checked_step(train_step: TrainStep, batch: tuple, step: int) -> dict[str, Any]:
+    """One step of the trainer's :class:`~selora.train_step.TrainStep`, and what it did.
 
     ``{"loss", "skipped" (None or why), "grad_scale", "ratios" (FI ratio per tested layer),
-    "k_checked", "k_installed", "k_digest", "change"}``.
+    "k_checked", "k_installed", "k_digest"}``.
     """
-    noisy, t, ids, target = batch
-    adapters.before_forward(step)
-    with torch.autocast(noisy.device.type, dtype=autocast, enabled=autocast is not None):
-        pred = forward(noisy, t, ids)
-    loss = noise_prediction_loss(pred, target)
-    reg = adapters.regulariser().float().to(loss.device)
-    rec: dict[str, Any] = dict(loss=float(loss.detach()), skipped=None, ratios={}, k_checked=0, k_installed=True)
-    if not torch.isfinite(loss + reg):
-        rec["skipped"] = "non-finite loss"
-    else:
-        scaler.scale(loss + reg).backward()
-        scaler.unscale_(opt)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)):
-            scaler.step(opt)  # an fp16 overflow: GradScaler skips the step and lowers its scale
-            scaler.update()
-            rec["skipped"] = "non-finite gradient"
-    if rec["skipped"]:
-        opt.zero_grad(set_to_none=True)
-        adapters.on_skip()
-        return rec
-    rec["grad_scale"] = scale = scaler.get_scale()
-    scaler.step(opt)
-    scaler.update()
-    # the K each SeLoRA layer is being tested with (1, in), before the step installs or redraws it
+    adapters = train_step.adapters
+    # the K each SeLoRA layer is being tested with (1, in): drawn when the test was armed, installed if it passes
     scored = (
         {n: c.K.clone() for n, c in adapters.controller.captures.items()}
         if isinstance(adapters, SeLoRAAdapters)
         else {}
     )
     before = adapters.ranks()
-    rec["change"] = change = adapters.after_step(step, grad_scale=scale)
-    opt.zero_grad(set_to_none=True)
+    result = train_step(batch, step)
+    rec: dict[str, Any] = dict(
+        loss=float(result.loss), skipped=result.skipped, ratios={}, k_checked=0, k_installed=True
+    )
+    if result.skipped:
+        return rec
+    rec["grad_scale"], change = result.grad_scale, result.change
     if scored:
         rec["ratios"] = change.record["ratios"] if change else {}
         rec["k_digest"] = hashlib.sha256(b"".join(k.cpu().numpy().tobytes() for k in scored.values())).hexdigest()
@@ -214,21 +197,6 @@ def train_step(
             torch.equal(adapters.model.get_submodule(name).lora_A[before[name]], scored[name][0]) for name in grown
         )
     return rec
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the process group (the trainer's reduce, also with one process)."""
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over ``model`` as ``selora.distributed.Dist.wrap`` builds it (which skips it for one process)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index or 0] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, init_sync=False)
 
 
 def run_method(
@@ -245,10 +213,19 @@ def run_method(
     model = add_adapters(pipe, cfg, total_steps=plan.steps, generator=torch.Generator().manual_seed(cfg.seed))
     model.train()
     adapters, device = model.adapters, next(base.parameters()).device
+    group = Dist(0, 1, device, group=True) if in_ddp else None  # DDP and all-reduce in the 1-process group
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    adapters.attach(opt, all_sum if in_ddp else None)
-    forward = ddp(model, device) if in_ddp else model
+    adapters.attach(opt, group.all_sum if in_ddp else None)
+    train_step = TrainStep(
+        model,
+        opt,
+        noise_prediction(AUTOCAST[cfg.mixed_precision]),
+        scaler=scaler,
+        adapters=adapters,
+        max_grad_norm=cfg.max_grad_norm,
+        dist=group,
+    )
     (split, empty), gen, scheduler = (
         data,
         torch.Generator().manual_seed(cfg.seed),
@@ -257,12 +234,10 @@ def run_method(
     ranks0, records, rewraps, t0 = adapters.ranks(), [], 0, time.perf_counter()
     for step in range(plan.steps):
         batch = training_batch(split, torch.arange(plan.batch), gen, scheduler, empty, 0.0, slice(None), device)
-        rec = train_step(forward, adapters, opt, scaler, batch, AUTOCAST[cfg.mixed_precision], step, cfg.max_grad_norm)
-        change = rec.pop("change", None)
-        if in_ddp and change is not None and change.new_parameters:
-            forward, rewraps = ddp(model, device), rewraps + 1  # new Parameter objects: DDP must register them
-        records.append(rec)
-    _sync(device)
+        forward = train_step.forward
+        records.append(checked_step(train_step, batch, step))
+        rewraps += train_step.forward is not forward  # new Parameter objects: the step rebuilt DDP
+    sync(device)
     ranks = adapters.ranks()
     ratios = [r for rec in records for r in rec["ratios"].values()]
     return {
@@ -318,12 +293,12 @@ def run_timing(base: DiffusionModel, plan: Plan) -> dict[str, dict[str, Any]]:
             step, trainable = make_step(name, base, autocast)
             seconds = []
             for i in range(plan.warmup + plan.timed):
-                _sync(device)
-                t0 = _clock(device)
+                sync(device)
+                t0 = clock(device)
                 step(inputs)
-                _sync(device)
+                sync(device)
                 if i >= plan.warmup:
-                    seconds.append(_clock(device) - t0)
+                    seconds.append(clock(device) - t0)
             del step  # its model copy, adapters and optimizer go before the next configuration
             out[str(px)][name] = {
                 "seconds": seconds,

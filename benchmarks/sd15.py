@@ -49,20 +49,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import selora
+from selora.core.criteria import FIRatio
 from selora.core.layers import SeLoRALinear, lora_layers
+from selora.dtypes import DTYPES
 from selora.export import merge_into
 from selora.paths import ASSETS_DIR
 from selora.pipeline import DiffusionModel, cast_trainable
+from selora.sd15 import SD15_TOKENS, sd15_text_encoder, sd15_unet
+from selora.train_step import TrainStep, noise_prediction
 
 HERE = Path(__file__).resolve().parent
 #: Where the committed results live: package data, so the appendix reads them in an installed package too.
 RESULTS_DIR = HERE.parent / "selora" / "assets" / "benchmarks"
 LATENT = 28  # 224 px / 8 (VAE factor)
-TOKENS = 77
+TOKENS = SD15_TOKENS
 LORA_RANK = 4
 T_INTERVAL = 40  # the paper's test interval t
 #: text-encoder / UNet layers that get rank 4 in the mixed-rank state (where the paper's Fig. 3
@@ -96,7 +99,6 @@ RATIOS: dict[str, tuple[str, str, float]] = {
     "peak_mem_vs_full_ft": ("selora_test_mixed", "full_ft", 0.45),
     "merged_infer_vs_base": ("infer_merged", "infer_base", 1.01),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -111,18 +113,7 @@ def build_base(quick: bool, dtype: torch.dtype, device: torch.device) -> Diffusi
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(mini / "unet"))
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(mini / "text_encoder", local_files_only=True))
     else:
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD v1.5 architecture
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=TOKENS,
-                projection_dim=768,
-                hidden_act="quick_gelu",
-            )
-        )  # CLIP ViT-L/14
+        unet, text = sd15_unet(), sd15_text_encoder()  # SD v1.5's UNet, CLIP ViT-L/14's text model
     model = DiffusionModel(unet, text).to(device=device, dtype=dtype)
     return model.requires_grad_(False)
 
@@ -174,75 +165,73 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def inference_step(name: str, model: DiffusionModel, autocast: torch.dtype | None) -> Callable[[tuple], None]:
+    """A forward without gradients of ``model`` (``infer_base``), with mixed-rank SeLoRA adapters
+    (``infer_unmerged``), or with them merged into the weights (``infer_merged``)."""
+    if name != "infer_base":
+        add_selora(model, "selora", 1, mixed=True)
+    if name == "infer_merged":
+        merge_into(model)  # W0 + s B A into plain nn.Linear layers
+    device_type = next(model.parameters()).device.type
+
+    @torch.no_grad()
+    def infer(inputs: tuple) -> None:
+        noisy, t, ids, _ = inputs
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            model(noisy, t, ids)
+
+    return infer
+
+
 def make_step(name: str, base: DiffusionModel, autocast: torch.dtype | None) -> tuple[Callable[[tuple], None], int]:
     """``(step(inputs), trainable parameter count)`` of configuration ``name`` on (a shared copy of) ``base``.
 
-    A train step is forward, noise-prediction MSE, backward, optimizer step, controller step, zero_grad.
+    A train step is the trainer's (:class:`selora.train_step.TrainStep`): forward, noise-prediction
+    MSE, backward, gradient-norm check, optimizer step, controller step, zero_grad; the authors'
+    scheme adds its scoring pass (one more forward/backward) after the backward. ``frozen`` is a
+    forward/backward to the inputs (nothing trains), ``infer_*`` a forward without gradients.
     """
-    device_type = next(base.parameters()).device.type
     model = base if name == "full_ft" else shared_copy(base)
+    loss_fn = noise_prediction(autocast)
+    if name.startswith("infer"):
+        return inference_step(name, model, autocast), 0
+    if name == "frozen":
+        model.text_encoder.embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
+
+        def frozen(inputs: tuple) -> None:
+            noisy, *rest = inputs
+            loss_fn(model, (noisy.detach().requires_grad_(True), *rest)).backward()
+            model.zero_grad(set_to_none=True)
+
+        return frozen, 0
     ctl = None
-    extra_pass = False
     if name == "full_ft":
         model.requires_grad_(True)
         cast_trainable(model)  # master weights in float32 (a no-op for float32 runs)
-    elif name == "frozen":
-        embeddings = model.text_encoder.embeddings
-        embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
     elif name in ("lora_selora", "lora_peft"):
         add_peft(model, LORA_RANK) if name == "lora_peft" else add_selora(model, "lora", LORA_RANK)
-    elif name.startswith(("selora", "authors", "infer_unmerged", "infer_merged")):
+    else:  # selora_* and authors_mixed
         add_selora(model, "selora", 1, mixed=not name.endswith("r1"))
-        extra_pass = name.startswith("authors")
-        if name == "infer_merged":
-            merge_into(model)  # W0 + s B A into plain nn.Linear layers
     params = trainable(model)
-    opt = None
-    if params and not name.startswith("infer"):
-        opt = (torch.optim.Adam if name == "full_ft" else torch.optim.AdamW)(params, lr=1e-4)
+    opt = (torch.optim.Adam if name == "full_ft" else torch.optim.AdamW)(params, lr=1e-4)
     if name.startswith(("selora", "authors")):
         # a test step on every call (interval 1) that never expands (threshold 1e30): shapes stay put
         interval = 1 if "test" in name else 10**9
-        ctl = selora.ExpansionController(model, opt, threshold=1e30, interval=interval)
-
-    def loss_of(inputs: tuple) -> torch.Tensor:
-        noisy, t, ids, noise = inputs
-        if name == "frozen":
-            noisy = noisy.detach().requires_grad_(True)
-        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            pred = model(noisy, t, ids)
-        return F.mse_loss(pred.float(), noise.float())
-
-    if name.startswith("infer"):
-
-        @torch.no_grad()
-        def step(inputs: tuple) -> None:
-            noisy, t, ids, _ = inputs
-            with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                model(noisy, t, ids)
-
-        return step, 0
-
-    def step(inputs: tuple) -> None:
-        loss_of(inputs).backward()
-        if opt is not None:
-            opt.step()
-        if ctl is not None:
-            ctl.step()
-        if extra_pass:
-            loss_of(inputs).backward()  # the authors' separate scoring pass
-        model.zero_grad(set_to_none=True)
-
-    return step, sum(p.numel() for p in params)
+        ctl = selora.ExpansionController(model, opt, FIRatio(1e30), interval=interval)
+    train_step = TrainStep(model, opt, loss_fn, controller=ctl)
+    if name.startswith("authors"):
+        train_step.add_callback("on_backward", lambda s: loss_fn(s.forward, s.batch).backward())  # its scoring pass
+    return lambda inputs: train_step(inputs, 0), sum(p.numel() for p in params)
 
 
 # -- children -------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _clock(device: torch.device) -> float:
+def clock(device: torch.device) -> float:
     """Seconds: process CPU time on CPU (single-threaded), wall time on CUDA."""
     return time.perf_counter() if device.type == "cuda" else time.process_time()
 
@@ -264,11 +253,11 @@ def timing_child(args: argparse.Namespace) -> dict[str, Any]:
         shift = (r * len(jobs)) // max(args.rounds, 1)
         order = jobs[shift:] + jobs[:shift]
         for name, b in order[::-1] if r % 2 else order:
-            _sync(device)
-            t0, w0, k0 = _clock(device), time.perf_counter(), os.times().system
+            sync(device)
+            t0, w0, k0 = clock(device), time.perf_counter(), os.times().system
             steps[name][0](inputs[b])
-            _sync(device)
-            cpu[name][str(b)].append(_clock(device) - t0)
+            sync(device)
+            cpu[name][str(b)].append(clock(device) - t0)
             system[name][str(b)].append(os.times().system - k0)
             wall[name][str(b)].append(time.perf_counter() - w0)
         print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
@@ -289,11 +278,11 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     inputs = make_inputs(base, args.batch, device, dtype)
     seconds = []
     for _ in range(2):
-        _sync(device)
-        t0 = _clock(device)
+        sync(device)
+        t0 = clock(device)
         step(inputs)
-        _sync(device)
-        seconds.append(_clock(device) - t0)
+        sync(device)
+        seconds.append(clock(device) - t0)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     else:

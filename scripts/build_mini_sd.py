@@ -62,7 +62,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from selora.io import atomic_dir, atomic_write_bytes, atomic_write_text
-from selora.models import MINI_SD_DIR, sd15_scheduler_config
+from selora.models import MINI_SD_DIR, sd15_scheduler_config, write_clip_text_level
 from selora.paths import cache_dir
 from selora.profile import seed_everything, set_threads
 from selora.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer, write_clip_tokenizer_files
@@ -598,8 +598,10 @@ def save_folder(parts: tuple, out: Path, extras: dict[str, bytes]) -> None:
     halves = [copy.deepcopy(m).to(torch.float16) for m in (vae, text_encoder, unet)]
     with atomic_dir(out) as tmp:
         assemble(halves[0], halves[1], tokenizer, halves[2]).save_pretrained(tmp, safe_serialization=True)
-        # SD v1.5's tokenizer folder layout (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.5 MB)
-        (tmp / "tokenizer" / "tokenizer.json").unlink()
+        write_clip_text_level(tmp / "text_encoder" / "model.safetensors")
+        # SD v1.5's tokenizer folder layout (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.5 MB,
+        # written by transformers 5 only)
+        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
         write_clip_tokenizer_files(tmp / "tokenizer")
         compute_in_float32(tmp / "text_encoder" / "config.json")
         for name, data in extras.items():

@@ -36,7 +36,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -231,8 +231,8 @@ class InputError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- toc
-def toc_pages(toc_file: Path) -> list[str]:
-    """Document paths (no suffix, root first, in order) listed in a Jupyter Book 1.x ``_toc.yml``."""
+def _read_toc(toc_file: Path) -> dict:
+    """The parsed ``_toc.yml``; InputError for a missing or malformed file."""
     if not toc_file.is_file():
         raise InputError(f"{toc_file}: table of contents not found (expected a _toc.yml file)")
     try:
@@ -241,35 +241,42 @@ def toc_pages(toc_file: Path) -> list[str]:
         raise InputError(f"{toc_file}: not valid YAML ({exc.__class__.__name__})") from exc
     if not isinstance(toc, dict) or not isinstance(toc.get("root"), str):
         raise InputError(f"{toc_file}: expected a mapping with a 'root' document path")
+    return toc
 
+
+def _toc_files(entries: object) -> Iterator[str]:
+    """The ``file`` of every entry below ``entries`` (sections, chapters, parts, subtrees), in order."""
+    for entry in entries or []:
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("file"), str):
+            yield entry["file"]
+        for key in ("sections", "chapters", "parts"):
+            yield from _toc_files(entry.get(key))
+        for sub in entry.get("subtrees") or []:
+            yield from _toc_files(sub.get("entries") if isinstance(sub, dict) else None)
+
+
+def _without_suffix(path: str) -> str:
+    for suffix in SOURCE_SUFFIXES:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    return path
+
+
+def toc_pages(toc_file: Path) -> list[str]:
+    """Document paths (no suffix, root first, in order) listed in a Jupyter Book 1.x ``_toc.yml``."""
+    toc = _read_toc(toc_file)
     pages: list[str] = []
-
-    def add(path: str) -> None:
-        for suffix in SOURCE_SUFFIXES:
-            if path.endswith(suffix):
-                path = path[: -len(suffix)]
-        if path not in pages:
-            pages.append(path)
-
-    def walk(entries: object) -> None:
-        for entry in entries or []:
-            if isinstance(entry, dict):
-                if isinstance(entry.get("file"), str):
-                    add(entry["file"])
-                walk(entry.get("sections"))
-                walk(entry.get("chapters"))
-                walk(entry.get("parts"))
-                for sub in entry.get("subtrees") or []:
-                    walk(sub.get("entries") if isinstance(sub, dict) else None)
-
-    add(toc["root"])
-    walk([toc])
+    for path in (toc["root"], *_toc_files([toc])):
+        if _without_suffix(path) not in pages:
+            pages.append(_without_suffix(path))
     return pages
 
 
 # ------------------------------------------------------------------------------------- server
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -416,6 +423,65 @@ def content_problems(tab: Page) -> list[tuple[str, str]]:
     return found
 
 
+def _inspect(
+    tab: Page,
+    url: str,
+    html_dir: Path,
+    html_file: Path,
+    shots: Path,
+    result: PageResult,
+    failed: dict[str, str],
+    say: Callable[[str, str], None],
+    same_site: Callable[[str], bool],
+) -> list[tuple[str, str]]:
+    """Load ``url`` in ``tab``, record its images, content, stderr outputs, links and a screenshot in
+    ``result`` (problems through ``say``; ``failed``: the failed requests so far); return the broken images
+    as (attribute, url)."""
+    response = tab.goto(url, wait_until="load", timeout=PAGE_TIMEOUT_MS)
+    if response is None or response.status >= 400:
+        say("missing page", f"{result.page}.html answered {response.status if response else 'nothing'}")
+    try:
+        tab.wait_for_load_state("networkidle", timeout=IDLE_TIMEOUT_MS)
+    except PlaywrightTimeout:  # still busy after the grace period: check what has rendered
+        pass
+    result.images, broken_images = image_problems(tab, same_site)
+    for attr, img in broken_images:
+        say("broken image", f"{attr[:120] or '(no src)'} ({failed.get(img, 'did not decode, naturalWidth 0')})")
+    for kind, detail in content_problems(tab):
+        say(kind, detail)
+    result.stderr_outputs = tab.evaluate(STDERR_JS)
+    result.links, broken_links = link_problems(tab, same_site, html_dir, html_file)
+    for detail in broken_links:
+        say("broken link", detail)
+    result.screenshot = shots / f"{result.page.replace('/', '-')}.png"
+    shots.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(result.screenshot, tab.screenshot(full_page=True))  # 0644: for people to open
+    return broken_images
+
+
+def _network_problems(
+    page_url: str,
+    origin: str,
+    failed: dict[str, str],
+    console: list,
+    broken_images: list[tuple[str, str]],
+    say: Callable[[str, str], None],
+    same_site: Callable[[str], bool],
+) -> None:
+    """Failed same-site requests (beyond the broken images and the page itself) and console errors."""
+    skip = {url for _, url in broken_images} | {page_url}
+    for url, why in sorted(failed.items()):
+        if url not in skip:
+            say("resource failed", f"{url[len(origin) :]} ({why})")
+    for msg in console:
+        # "Failed to load resource" repeats what the network events report (and the browser's
+        # implicit /favicon.ico probe); errors raised by scripts from other hosts do not count.
+        where = (msg.location or {}).get("url", "")
+        if msg.text.startswith("Failed to load resource") or (where and not same_site(where)):
+            continue
+        say("console error", first_line(msg.text) or "(empty message)")
+
+
 def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: Path) -> PageResult:
     """Visit one toc page as a first-time reader (fresh profile: no localStorage from other pages)
     and collect its problems (see module docstring)."""
@@ -459,41 +525,14 @@ def check_page(browser: Browser, origin: str, html_dir: Path, page: str, shots: 
         ),
     )
     try:
-        response = tab.goto(f"{origin}/{page}.html", wait_until="load", timeout=PAGE_TIMEOUT_MS)
-        if response is None or response.status >= 400:
-            say("missing page", f"{page}.html answered {response.status if response else 'nothing'}")
-        try:
-            tab.wait_for_load_state("networkidle", timeout=IDLE_TIMEOUT_MS)
-        except PlaywrightTimeout:  # still busy after the grace period: check what has rendered
-            pass
-        result.images, broken_images = image_problems(tab, same_site)
-        for attr, url in broken_images:
-            say("broken image", f"{attr[:120] or '(no src)'} ({failed.get(url, 'did not decode, naturalWidth 0')})")
-        for kind, detail in content_problems(tab):
-            say(kind, detail)
-        result.stderr_outputs = tab.evaluate(STDERR_JS)
-        result.links, broken_links = link_problems(tab, same_site, html_dir, html_file)
-        for detail in broken_links:
-            say("broken link", detail)
-        result.screenshot = shots / f"{page.replace('/', '-')}.png"
-        shots.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(result.screenshot, tab.screenshot(full_page=True))  # 0644: for people to open
+        url = f"{origin}/{page}.html"
+        broken_images = _inspect(tab, url, html_dir, html_file, shots, result, failed, say, same_site)
     except PlaywrightError as exc:  # a page that cannot be loaded or inspected is a problem too
         say("page failed to load", f"{exc.__class__.__name__}: {first_line(str(exc))}")
     finally:
         context.close()
 
-    skip = {url for _, url in broken_images} | {f"{origin}/{page}.html"}
-    for url, why in sorted(failed.items()):
-        if url not in skip:
-            say("resource failed", f"{url[len(origin) :]} ({why})")
-    for msg in console:
-        # "Failed to load resource" repeats what the network events report (and the browser's
-        # implicit /favicon.ico probe); errors raised by scripts from other hosts do not count.
-        where = (msg.location or {}).get("url", "")
-        if msg.text.startswith("Failed to load resource") or (where and not same_site(where)):
-            continue
-        say("console error", first_line(msg.text) or "(empty message)")
+    _network_problems(f"{origin}/{page}.html", origin, failed, console, broken_images, say, same_site)
     result.seconds = time.perf_counter() - start
     return result
 

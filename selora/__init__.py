@@ -11,7 +11,8 @@ from importlib import import_module
 from selora.core.expansion import Decision, ExpansionController
 from selora.core.inject import PRESETS, inject
 from selora.core.layers import LoRALinear, SeLoRALinear, kaiming_rows, num_trainable, ranks, trainable_parameters
-from selora.profile import device, profile, seed_everything, set_threads, setup
+from selora.distributed import default_device as device
+from selora.profile import profile, seed_everything, set_threads, setup
 
 __version__ = "0.1.0"
 

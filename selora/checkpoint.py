@@ -34,12 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from selora.io import FILE_MODE, atomic_dir, atomic_write_text
+from selora.layout import ADAPTERS, RANKS, STATE_JSON, STATE_TENSORS
 from selora.methods import Adapters
 
-ADAPTERS = "adapters.safetensors"
-RANKS = "ranks.json"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
 NO_SPACE = "no space left on device"
 
 
@@ -213,26 +210,10 @@ def write_failure(target: Path, err: BaseException) -> CheckpointWriteError | No
     return CheckpointWriteError(f"{reason} while writing {target}", reason, Path(target))
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One file of a checkpoint folder being filled (:func:`selora.io.atomic_dir` flushes it to the disk)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     os.chmod(path, FILE_MODE)  # safetensors creates files 0600; outputs are meant to be shared
-    _fsync(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _set_aside(previous: Path) -> Path | None:
@@ -268,16 +249,14 @@ def write_checkpoint(
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(target) as tmp:
             _write_tensors(adapters, tmp / ADAPTERS)
-            _write_text(tmp / RANKS, json.dumps(dict(ranks), indent=1))
+            (tmp / RANKS).write_text(json.dumps(dict(ranks), indent=1), encoding="utf-8")
             if tensors is not None:
                 _write_tensors(tensors, tmp / STATE_TENSORS)
             if state is not None:
-                _write_text(tmp / STATE_JSON, json.dumps(state, indent=1))
-            _fsync(tmp)
+                (tmp / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
             if previous is not None and target.exists():
                 trash = _set_aside(Path(previous))
                 os.replace(target, previous)
-        _fsync(target.parent)
     except Exception as err:
         failure = write_failure(target, err)
         if failure is None:

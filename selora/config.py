@@ -23,15 +23,18 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from selora.core.expansion import CRITERIA
+from selora.core.criteria import CRITERIA, LAMBDA, FIRatio
+from selora.core.expansion import INTERVAL
+from selora.data.registry import DATASETS
+from selora.dtypes import AUTOCAST
 from selora.methods import METHODS
 from selora.paths import PACKAGE_DIR
 
 CONFIGS_DIR = PACKAGE_DIR / "configs"
+#: The base model shipped for offline (CPU-only) runs.
+OFFLINE_MODEL = "mini-sd"
 #: ``model`` values that name a base model; anything else is a local diffusers pipeline folder.
-MODELS = ("mini-sd", "sd-v1-5")
-#: ``dataset`` values: the phantom Montgomery set (made on first use), the real one, IU X-ray.
-DATASETS = ("montgomery-phantom", "montgomery", "iuxray")
+MODELS = (OFFLINE_MODEL, "sd-v1-5")
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 
@@ -43,7 +46,7 @@ class ConfigError(ValueError):
 def option(default: Any, help: str, choices: Sequence[Any] | None = None, minimum: float | None = None) -> Any:
     """The declaration of one config key: its default, one-line help, allowed values and lower bound.
 
-    ``minimum`` bounds a number, or every element of a list of ints. A list default is copied per config.
+    ``minimum`` bounds a number. A list default is copied per config.
     """
     meta = {"help": help, "choices": None if choices is None else tuple(choices), "minimum": minimum}
     if isinstance(default, list):
@@ -62,7 +65,7 @@ class TrainConfig:
 
     # what to fine-tune on what
     model: str = option("mini-sd", "base model: mini-sd (shipped, offline), sd-v1-5 (hub) or a local pipeline folder")
-    dataset: str = option("montgomery-phantom", "training data", choices=DATASETS)
+    dataset: str = option("montgomery-phantom", "training data (see selora.data.DATASETS)", choices=tuple(DATASETS))
     data_root: str | None = option(None, "folder holding the data set (null: phantom / download)")
     split_seed: int = option(0, "seed of the train/test split", minimum=0)
     eval_split: str = option("test", "held-out split evaluated after each epoch", choices=("test", "validation"))
@@ -74,19 +77,20 @@ class TrainConfig:
     resolution: int = option(64, "image side in pixels", minimum=8)
     # adapters
     method: str = option("selora", "adapter method (see selora.methods.METHODS)", choices=tuple(METHODS))
-    # (RUF009: option() returns a dataclasses.field; a list default is copied per config)
-    unet_targets: str | list[str] = option("paper-unet", "inject preset or module names for the UNet")  # noqa: RUF009
-    text_encoder_targets: str | list[str] | None = option(  # noqa: RUF009
+    unet_targets: str | list[str] = option("paper-unet", "inject preset or module names for the UNet")
+    text_encoder_targets: str | list[str] | None = option(
         "paper-text-encoder", "preset/names for the text encoder (null: frozen)"
     )
     start_rank: int = option(1, "SeLoRA initial rank", minimum=1)
     lora_rank: int = option(4, "LoRA rank", minimum=1)
     max_rank: int | None = option(None, "SeLoRA rank cap (null: min(in, out))", minimum=1)
     lora_scale: float = option(1.0, "adapter scaling, fixed")
-    threshold: float = option(1.1, "lambda: expand when FI_exp / FI_orig >= threshold (Eq. 5)")
-    interval: int = option(40, "t: test for expansion every t optimizer steps", minimum=1)
+    threshold: float = option(LAMBDA, "lambda: expand when FI_exp / FI_orig >= threshold (Eq. 5)")
+    interval: int = option(INTERVAL, "t: test for expansion every t optimizer steps", minimum=1)
     criterion: str = option(
-        "fi-ratio", "SeLoRA expansion test: fi-ratio (the paper's Eq. 5) or signal (book ch. 9)", choices=CRITERIA
+        FIRatio.name,
+        "SeLoRA expansion test: fi-ratio (the paper's Eq. 5) or signal (book ch. 9)",
+        choices=tuple(CRITERIA),
     )
     signal_alpha: float = option(0.001, "signal test: false-expansion rate per layer and test on pure noise", minimum=0)
     signal_window: int = option(
@@ -102,24 +106,17 @@ class TrainConfig:
     seed: int = option(0, "seed of adapters, noise, data order and K", minimum=0)
     prompt_dropout: float = option(0.0, "probability of an empty prompt (classifier-free guidance)", minimum=0)
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (null: off)", minimum=0)
-    mixed_precision: str = option(
-        "no", "autocast dtype of the frozen models (GPU only)", choices=("no", "fp16", "bf16")
-    )
+    mixed_precision: str = option("no", "autocast dtype of the frozen models (GPU only)", choices=tuple(AUTOCAST))
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     num_workers: int = option(0, "DataLoader workers for the one-off preprocessing pass", minimum=0)
     # bookkeeping
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: at epoch ends only)", minimum=0)
     eval_every: int = option(1, "evaluate every N epochs", minimum=1)
     num_samples: int = option(4, "images in the sample grid at each evaluation (0: none)", minimum=0)
-    sample_prompts: list[str] | None = option(  # noqa: RUF009
-        None, "prompts of the sample grid (null: from the held-out split)"
-    )
+    sample_prompts: list[str] | None = option(None, "prompts of the sample grid (null: from the held-out split)")
     sample_steps: int = option(25, "denoising steps of the sample grid", minimum=1)
     guidance_scale: float = option(7.5, "classifier-free guidance of the sample grid", minimum=0)
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row", minimum=1)
-    debug_nan_steps: list[int] = option(  # noqa: RUF009
-        [], "TEST HOOK: make the loss NaN on these batches (1-based count of batches drawn)", minimum=1
-    )
     # provenance (not keys)
     source: str = field(default="<defaults>", compare=False)
     overrides: list[str] = field(default_factory=list, compare=False)
@@ -134,11 +131,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """``{key: value}`` of every key, in declaration order (lists copied)."""
         return {f.name: _copy(getattr(self, f.name)) for f in config_fields()}
-
-    @property
-    def values(self) -> dict[str, Any]:
-        """Read-only alias of :meth:`to_dict` (older callers)."""
-        return self.to_dict()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every key), with its origin as a comment; loads back equal."""
@@ -160,6 +152,8 @@ def config_fields() -> tuple[Field, ...]:
 _TYPES: dict[str, Any] = get_type_hints(TrainConfig)
 #: The config keys, in declaration order.
 KEYS: tuple[str, ...] = tuple(f.name for f in config_fields())
+#: Keys that run folders written by earlier versions hold and that are no longer settings (ignored on reading).
+RETIRED_KEYS = ("debug_nan_steps",)
 _FIELD: dict[str, Field] = {f.name: f for f in config_fields()}
 
 
@@ -192,16 +186,7 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown key {key!r}; expected one of {', '.join(KEYS)}")
     alts = _alternatives(key)
     fail = f"{where}: key {key!r}: expected"
-    if str in alts and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if float in alts:
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(value, str):
-            try:
-                value = float(value)  # PyYAML reads "1e-4" as a string
-            except ValueError:
-                pass
+    value = _convert(value, alts)
     if not any(_is_instance(value, t) for t in alts):
         raise ConfigError(f"{fail} {expected_type(key)}, got {type(value).__name__} {value!r}")
     meta = _FIELD[key].metadata
@@ -211,15 +196,35 @@ def coerce(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{fail} one of {', '.join(map(str, meta['choices']))}, got {value!r}")
     minimum = meta["minimum"]
     if isinstance(value, list):
-        if list[str] in alts and not (value and all(isinstance(v, str) and v for v in value)):
-            raise ConfigError(f"{fail} a non-empty list of strings, got {value!r}")
-        if list[int] in alts and not all(_is_int(v) and (minimum is None or v >= minimum) for v in value):
-            bound = "" if minimum is None else f" >= {minimum:g}"
-            raise ConfigError(f"{fail} a list of int{bound}, got {value!r}")
-        return list(value)
+        return _checked_list(value, fail)
     if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
         raise ConfigError(f"{fail} a value >= {minimum:g}, got {value!r}")
     return value
+
+
+def _convert(value: Any, alts: tuple[Any, ...]) -> Any:
+    """``value`` converted where the declared alternatives ``alts`` allow: a path to ``str``, an int or
+    a numeric string (PyYAML reads ``1e-4`` as a string) to ``float``; anything else unchanged."""
+    if str in alts and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if float not in alts:
+        return value
+    if _is_int(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _checked_list(value: list, fail: str) -> list[str]:
+    """A copy of ``value``, a list key's value, once it is a non-empty list of non-empty strings
+    (every list key is a list of strings; ``fail``: the message's start)."""
+    if not (value and all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"{fail} a non-empty list of strings, got {value!r}")
+    return list(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -250,25 +255,22 @@ def _check_rules(cfg: TrainConfig, where: str) -> None:
     root = cfg.data_root
     if root is not None and not Path(root).is_dir():
         raise ConfigError(f"{where}: key 'data_root': no such folder {root!r}")
-    if root is None and cfg.dataset == "iuxray":
-        raise ConfigError(f"{where}: key 'data_root': IU X-ray has no downloader; set it to the folder holding the set")
-    if cfg.dataset == "iuxray" and cfg.eval_split != "validation":
-        raise ConfigError(f"{where}: key 'eval_split': IU X-ray selects the best epoch on 'validation'")
-    if cfg.dataset == "iuxray" and cfg.validation_fraction:
-        raise ConfigError(f"{where}: key 'validation_fraction': IU X-ray has its own validation split; leave it 0")
     if not cfg.validation_fraction < 1:
         raise ConfigError(
             f"{where}: key 'validation_fraction': expected a share below 1, got {cfg.validation_fraction}"
         )
-    if cfg.dataset != "iuxray" and (cfg.eval_split == "validation") != (cfg.validation_fraction > 0):
-        raise ConfigError(
-            f"{where}: key 'eval_split': Montgomery has a validation split only with validation_fraction > 0 "
-            f"(the paper's 80/20 has none); got {cfg.eval_split!r} with validation_fraction={cfg.validation_fraction}"
-        )
     try:
+        DATASETS[cfg.dataset].check_config(cfg)
         METHODS[cfg.method].check_config(cfg)
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def is_offline_demo(cfg: TrainConfig) -> bool:
+    """Whether a run is an offline demo: on the shipped mini SD or on data this package generates
+    (:attr:`selora.data.DataSet.generated`). Such a run is scored with the offline proxies and its
+    model card says what it is."""
+    return cfg.model == OFFLINE_MODEL or DATASETS[cfg.dataset].generated is not None
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -316,6 +318,8 @@ def _parse_yaml(text: str, where: str, key: str | None = None) -> Any:
         out = {}
         for key_node, value_node in node.value:
             name = loader.construct_object(key_node, deep=True)
+            if name in RETIRED_KEYS:
+                continue
             if not isinstance(name, str) or name not in _FIELD:
                 raise ConfigError(f"{where}: unknown key {name!r}; expected one of {', '.join(KEYS)}")
             out[name] = _node_value(name, value_node, loader)
@@ -376,15 +380,16 @@ def load_config(
 
 __all__ = [
     "CONFIGS_DIR",
-    "DATASETS",
     "KEYS",
     "MODELS",
+    "OFFLINE_MODEL",
     "ConfigError",
     "TrainConfig",
     "coerce",
     "config_fields",
     "config_path",
     "expected_type",
+    "is_offline_demo",
     "load_config",
     "option",
     "parse_override",

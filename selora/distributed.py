@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from inspect import signature
 
 import torch
 import torch.distributed as dist
@@ -17,19 +18,26 @@ def default_device() -> torch.device:
 
 @dataclass(frozen=True)
 class Dist:
-    """Process layout: ``rank`` of ``world`` processes (1 without torchrun) and the device."""
+    """Process layout: ``rank`` of ``world`` processes (1 without torchrun) and the device.
+    ``group``: reduce and wrap in DDP even with one process (a 1-process group: the GPU check)."""
 
     rank: int
     world: int
     device: torch.device
+    group: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def parallel(self) -> bool:
+        """Whether sums go through the process group and the model through DDP."""
+        return self.world > 1 or self.group
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of ``t`` over processes (``t`` itself with one process)."""
-        if self.world > 1:
+        """Sum of ``t`` over processes (``t`` itself without a process group)."""
+        if self.parallel:
             t = t.to(self.device).clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
@@ -39,13 +47,15 @@ class Dist:
             dist.barrier()
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` itself with one process, else DDP over it (rebuild after replacing parameters)."""
-        if self.world == 1:
+        """``model`` itself without a process group, else DDP over it (rebuild after replacing parameters)."""
+        if not self.parallel:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, init_sync=False)
+        # every process loaded the same weights: skip DDP's start-up broadcast where it has the option (torch 2.7)
+        skip_sync = {"init_sync": False} if "init_sync" in signature(DistributedDataParallel).parameters else {}
+        return DistributedDataParallel(model, device_ids=ids, **skip_sync)
 
     def local_slice(self, n: int) -> slice:
         """This process's share of a global batch of ``n`` (contiguous, in rank order)."""

@@ -8,7 +8,7 @@ For each (method, seed) the run ``DIR/runs/<method>-seed<seed>/`` is trained wit
 interrupted run is resumed), its best adapters (lowest held-out loss) are loaded, one image is
 generated per test-split prompt (image i with the generator seed ``10^5 · seed + i``), and two
 metrics are computed against the real test images (:func:`selora.metrics.evaluate`), chosen by the
-runs' data and model, not by the profile (:func:`selora.evaluation.metric_profile`): FID / CLIP
+runs' data and model, not by the profile (:func:`selora.held_out.metric_profile`): FID / CLIP
 score for real data on a real model, the validated proxies for the phantom data or the mini SD
 (so phantom images are never scored with FID on a GPU). Writes::
 
@@ -20,7 +20,8 @@ score for real data on a real model, the validated proxies for the phantom data 
 
 Trainable parameters are the adapters of the evaluated checkpoint (SeLoRA: at its grown rank;
 AdaLoRA: its allocated initial-rank tensors), absolute and as a fraction of the frozen UNet + text
-encoder. Exit codes: 0 done, 1 a run stopped on non-finite losses, 2 bad input.
+encoder. Exit codes: 0 done, 1 a run stopped on non-finite losses, 2 bad input or a missing extra
+(FID needs the ``paper`` extra; checked before any work).
 """
 
 from __future__ import annotations
@@ -40,8 +41,21 @@ from selora.checkpoint import read_adapters
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.data import open_dataset
 from selora.data.errors import DataError
-from selora.evaluation import metric_profile
+from selora.extras import MissingExtraError, require_extra
+from selora.held_out import metric_profile
 from selora.io import atomic_save_safetensors, atomic_write_text
+from selora.layout import (
+    BEST,
+    CONFIG,
+    RANKS,
+    RESULTS_JSON,
+    RESULTS_MD,
+    RUN_RESULT,
+    RUNS,
+    STATE_JSON,
+    TEST_SAMPLES,
+    TEST_SAMPLES_GRID,
+)
 from selora.methods import METHODS
 from selora.metrics import LABELS, evaluate, images_from_pil
 from selora.params import adapter_counts
@@ -53,7 +67,6 @@ from selora.sample import generate, image_grid
 from selora.stats import mean_std
 from selora.trainer import NonFiniteLossError, Trainer
 
-RESULTS_JSON, RESULTS_MD, RUN_RESULT = "results.json", "results.md", "evaluation.json"
 SAMPLE_SEED_STRIDE = 100_000  # generator seed of test image i in a run of seed s: s * stride + i
 #: Per-run numbers summarised as mean ± std per method (besides the metrics).
 SUMMARY_KEYS = ("trainable", "trainable_fraction", "total_rank", "train_seconds", "sample_seconds")
@@ -76,7 +89,7 @@ def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list:
 
 
 def metric_fn(cfg: TrainConfig) -> MetricFn:
-    """The two metrics of runs with config ``cfg``: those of :func:`selora.evaluation.metric_profile`."""
+    """The two metrics of runs with config ``cfg``: those of :func:`selora.held_out.metric_profile`."""
     return partial(evaluate, profile=metric_profile(cfg))
 
 
@@ -88,7 +101,7 @@ def run_name(method: str, seed: int) -> str:
 
 def check_run_config(cfg: TrainConfig, run_dir: Path) -> None:
     """ConfigError when ``run_dir`` exists and was trained with a different config (never mixed silently)."""
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         return
     saved, now = run_config(run_dir).to_dict(), cfg.to_dict()
     diff = [k for k in now if saved.get(k) != now[k]]
@@ -103,7 +116,7 @@ def train_run(cfg: TrainConfig, run_dir: Path, progress: bool) -> dict[str, Any]
     """Train ``run_dir`` to the end, resuming an interrupted run; ``{"train_seconds", "resumed"}``
     (a resumed run's time covers only this process's part)."""
     check_run_config(cfg, run_dir)
-    resume = (run_dir / "config.yaml").is_file()
+    resume = (run_dir / CONFIG).is_file()
     start = time.perf_counter()
     Trainer(cfg, run_dir, resume=resume, progress=progress).run()
     return {"train_seconds": time.perf_counter() - start, "resumed": resume}
@@ -136,18 +149,18 @@ def evaluate_run(
         progress=progress,
     )
     sample_seconds = time.perf_counter() - start
-    image_grid(images, prompts, cols=min(8, len(images))).save(run_dir / "test-samples.png")
+    image_grid(images, prompts, cols=min(8, len(images))).save(run_dir / TEST_SAMPLES_GRID)
     generated = images_from_pil(images)
     pixels = ((generated + 1) * 127.5).round().to(torch.uint8).contiguous()
-    atomic_save_safetensors({"images": pixels}, run_dir / "test-samples.safetensors")
+    atomic_save_safetensors({"images": pixels}, run_dir / TEST_SAMPLES)
     scores = metrics(generated, prompts, real)
-    state = json.loads((run_dir / "best" / "state.json").read_text(encoding="utf-8"))
-    ranks = json.loads((run_dir / "best" / "ranks.json").read_text(encoding="utf-8"))
+    state = json.loads((run_dir / BEST / STATE_JSON).read_text(encoding="utf-8"))
+    ranks = json.loads((run_dir / BEST / RANKS).read_text(encoding="utf-8"))
     counts = adapter_counts(read_adapters(adapters_path(run_dir, "best")), pipe)  # the adapters load_run loaded
     result = {
         "method": cfg.method,
         "seed": cfg.seed,
-        "run_dir": f"runs/{run_dir.name}",
+        "run_dir": f"{RUNS}/{run_dir.name}",
         "metrics": {k: float(v) for k, v in scores.items()},
         "trainable": counts["total"]["trainable"],
         "trainable_fraction": counts["total"]["fraction"],
@@ -280,8 +293,8 @@ def run_experiment(
 
     ``metrics`` defaults to :func:`metric_fn` of the runs' config (FID / CLIP score for real data,
     the proxies for phantom data or the mini SD; refused before any work when FID / CLIP score are
-    due but the profile is offline). A run whose ``evaluation.json`` exists is not redone (so an
-    interrupted experiment continues).
+    due but the profile is offline, or without the ``paper`` extra FID needs). A run whose
+    ``evaluation.json`` exists is not redone (so an interrupted experiment continues).
     """
     if limit is not None and limit < 2:
         raise ConfigError(f"--limit {limit}: expected at least 2 test images (a Fréchet distance needs two)")
@@ -295,14 +308,16 @@ def run_experiment(
             f"dataset={first.dataset} model={first.model}: real data is scored with FID / CLIP score, "
             "whose weights need the network, but the profile is 'offline' (set SELORA_PROFILE=paper)"
         )
+    if kind == "paper":
+        require_extra("paper", "FID")
     out = Path(out)
     for (method, seed), cfg in configs.items():
-        check_run_config(cfg, out / "runs" / run_name(method, seed))
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+        check_run_config(cfg, out / RUNS / run_name(method, seed))
+    (out / RUNS).mkdir(parents=True, exist_ok=True)
     metrics = metrics or metric_fn(first)
     runs = []
     for (method, seed), cfg in configs.items():
-        run_dir = out / "runs" / run_name(method, seed)
+        run_dir = out / RUNS / run_name(method, seed)
         done = run_dir / RUN_RESULT
         if done.is_file():
             runs.append(json.loads(done.read_text(encoding="utf-8")))
@@ -349,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_experiment(
             methods, seeds, args.out, args.config, args.overrides, args.limit, args.batch, progress=not args.no_progress
         )
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -56,17 +56,18 @@ from torch import nn
 
 from selora.core.inject import KINDS, replace_modules
 from selora.core.layers import LoRALinear, lora_layers
+from selora.dtypes import DTYPES
+from selora.formats import FORMATS
 from selora.io import atomic_dir, atomic_save_safetensors, atomic_write_text
 from selora.kohya import PICKLE_SUFFIXES, kohya_file, kohya_metadata, save_kohya_lora
-from selora.pipeline import COMPONENTS, adapted_layers, components  # noqa: F401 (COMPONENTS: re-exported)
+from selora.pipeline import COMPONENTS, adapted_layers, components
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-FORMATS = ("diffusers", "peft", "merged", "kohya")
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+STORAGE_DTYPES = ("float32", "float16")  # --dtype choices (selora.dtypes.DTYPES names)
 
 Adapters = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # {module: (lora_A (r, in), lora_B (out, r), s)}
 
@@ -178,7 +179,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118 (no __iter__)
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"{path}: refused, expected a safetensors file (pickled weights are never loaded): {err}"
@@ -262,9 +263,7 @@ def _check(model: nn.Module, adapters: Adapters, source: str) -> dict[str, nn.Li
         base = module.base if isinstance(module, LoRALinear) else module
         if not isinstance(base, nn.Linear):
             found = "nothing" if module is None else type(module).__name__
-            raise ValueError(  # noqa: TRY004 (a bad file, not a bad argument type)
-                f"{source}: module {name} is not a linear layer of this model (found {found})"
-            )
+            raise ValueError(f"{source}: module {name} is not a linear layer of this model (found {found})")
         if A.shape[1] != base.in_features or B.shape[0] != base.out_features:
             raise ValueError(
                 f"{source}: module {name} does not match this model: the file has lora_A {tuple(A.shape)} and "
@@ -429,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the run's best adapters (lowest eval loss; default) or its last ones",
     )
     parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default=None, help="storage dtype (default: the weights' own, float32)"
+        "--dtype", choices=STORAGE_DTYPES, default=None, help="storage dtype (default: the weights' own, float32)"
     )
     args = parser.parse_args(argv)
     from selora.models import no_loading_bars  # diffusers: loaded only when a run is exported

@@ -1,7 +1,9 @@
 """Atomic writes: a file or folder appears at its final path complete, or not at all.
 
 Everything is written to a hidden temporary sibling (``.name.XXXX.tmp``, same folder, so the same
-file system) and moved into place with ``os.replace``; an exception on the way deletes the
+file system), flushed to the disk (``fsync`` of the file, or of every file and folder of a folder),
+and moved into place with ``os.replace``, whose folder entry is flushed too; so a power cut leaves
+the old content or the new one, never a renamed empty file. An exception on the way deletes the
 temporary and leaves whatever was at the final path untouched. ``tempfile`` creates temporaries
 private (0600/0700); the final mode is set explicitly (0644 files, 0755 folders by default:
 outputs of this package are meant to be shared).
@@ -26,6 +28,23 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """:func:`fsync_path` every file and folder under ``folder``, ``folder`` last."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in (*files, *dirs):
+            fsync_path(Path(root) / name)
+    fsync_path(folder)
+
+
 def _temp_name(path: Path) -> dict[str, str]:
     """``mkstemp``/``mkdtemp`` arguments for a hidden temporary beside ``path``."""
     return {"dir": str(path.parent), "prefix": f".{path.name}.", "suffix": ".tmp"}
@@ -35,9 +54,10 @@ def _temp_name(path: Path) -> dict[str, str]:
 def atomic_path(path: str | Path, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; on normal exit it becomes ``path``.
 
-    The caller writes the temporary by name (it exists, empty). On normal exit it gets ``mode``
-    and replaces ``path``; on an exception it is deleted and the exception re-raised, so ``path``
-    keeps its previous content. ``path``'s folder must exist.
+    The caller writes the temporary by name (it exists, empty). On normal exit it is flushed to the
+    disk, gets ``mode`` and replaces ``path`` (the folder entry flushed too); on an exception it is
+    deleted and the exception re-raised, so ``path`` keeps its previous content. ``path``'s folder
+    must exist.
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(**_temp_name(path))
@@ -45,11 +65,13 @@ def atomic_path(path: str | Path, mode: int = FILE_MODE) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        fsync_path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int = FILE_MODE) -> Path:
@@ -83,7 +105,8 @@ def atomic_save_safetensors(
 
 @contextmanager
 def atomic_dir(path: str | Path, mode: int = DIR_MODE) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on normal exit it becomes ``path``.
+    """Yield an empty temporary folder beside ``path``; on normal exit it is flushed to the disk
+    (:func:`fsync_tree`) and becomes ``path``.
 
     An existing ``path`` is first renamed to ``<path>.old`` and deleted after the new folder is
     in place, so a crash between the two renames leaves a complete ``<path>.old`` to fall back to
@@ -96,6 +119,7 @@ def atomic_dir(path: str | Path, mode: int = DIR_MODE) -> Iterator[Path]:
     old = path.with_name(path.name + ".old")
     try:
         yield tmp
+        fsync_tree(tmp)
         os.chmod(tmp, mode)
         if old.exists():
             shutil.rmtree(old)
@@ -105,6 +129,7 @@ def atomic_dir(path: str | Path, mode: int = DIR_MODE) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_path(path.parent)
     if old.exists():
         shutil.rmtree(old)
 

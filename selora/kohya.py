@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selora.io import atomic_save_safetensors
-from selora.pipeline import adapted_layers
+from selora.models import base_model_id
+from selora.pipeline import adapted_layers, components
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}  # lora_te1_/te2_ are SDXL's
 KOHYA_NETWORK_MODULE = "networks.lora"  # kohya-ss sd-scripts' module of this layout (ss_network_module)
 KOHYA_ALPHAS = ("shared", "per-module")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: CLIP module names whose kohya keys let stock diffusers infer a text-encoder dict's type (:func:`diffusers_marker`).
+DIFFUSERS_TE_MARKERS = (".out_proj", ".fc1", ".fc2")
 
 
 def kohya_name(component: str, module: str) -> str:
@@ -98,8 +101,41 @@ def save_kohya_lora(
         if not isinstance(v, str):
             raise TypeError(f"metadata {k!r}: safetensors header values are strings, got {type(v).__name__}")
         header[k] = v
+    tensors.update(diffusers_marker(pipe_or_models, layers, shared, dtype))
     file.parent.mkdir(parents=True, exist_ok=True)
     return atomic_save_safetensors(tensors, file, header)
+
+
+def needs_diffusers_marker(names: Iterable[str]) -> bool:
+    """Whether adapted text-encoder modules ``names`` (CLIP module paths) lack every key by which stock diffusers
+    recognises a kohya text-encoder dict (:func:`diffusers_marker`): adapters on q/k/v only, as the paper's preset."""
+    names = list(names)
+    return bool(names) and not any(n.endswith(DIFFUSERS_TE_MARKERS) for n in names)
+
+
+def diffusers_marker(
+    pipe_or_models: Any, layers: Mapping[tuple[str, str], Any], alpha: float, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """A zero adapter (``lora_up`` = 0: it adds exactly nothing) on the ``out_proj`` beside the first adapted
+    text-encoder module, when :func:`needs_diffusers_marker`; else nothing.
+
+    diffusers (0.34-0.42, ``lora_base._load_lora_into_text_encoder`` -> ``state_dict_utils.
+    convert_state_dict_to_diffusers``) infers a converted text-encoder dict's type from a ``to_out_lora``
+    (``self_attn.out_proj``) or ``lora_linear_layer`` (``mlp``) key and raises "Could not automatically infer
+    state dict type" without one. The marker is an ordinary kohya module: A1111, ComfyUI and sd-scripts load it.
+    """
+    te_names = [name for comp, name in layers if comp == "text_encoder"]
+    if not needs_diffusers_marker(te_names):
+        return {}
+    first = layers[("text_encoder", te_names[0])]
+    name = te_names[0].rsplit(".", 1)[0] + ".out_proj"
+    out_proj = components(pipe_or_models)["text_encoder"].get_submodule(name)
+    key, like = kohya_name("text_encoder", name), first.lora_A.detach()
+    return {
+        f"{key}.lora_down.weight": torch.zeros(first.rank, out_proj.in_features, dtype=dtype or like.dtype),
+        f"{key}.lora_up.weight": torch.zeros(out_proj.out_features, first.rank, dtype=dtype or like.dtype),
+        f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32),
+    }
 
 
 def kohya_file(run: str | Path, out: str | Path) -> Path:
@@ -114,8 +150,6 @@ def kohya_file(run: str | Path, out: str | Path) -> Path:
 
 def kohya_metadata(cfg: Any) -> dict[str, str]:
     """The kohya ``ss_*`` header entries a run's config states exactly."""
-    from selora.modelcard import base_model_id
-
     meta = {
         "ss_sd_model_name": base_model_id(cfg.model),
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",

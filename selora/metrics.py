@@ -8,13 +8,15 @@
   :func:`selora.proxies.alignment_proxy`, small models shipped with the package. Their numbers are
   always labelled "proxy" (:data:`LABELS`) and are not comparable with the paper's FID / CLIP score.
 
-:func:`evaluate` and :func:`trainer_metrics` pick a profile's two metrics. Images everywhere are
-model outputs: ``(N, 1, H, W)`` (or ``(N, 3, H, W)``) floats in [-1, 1].
+:data:`METRICS` holds every metric by name and :data:`PROFILE_METRICS` names each profile's two (its
+Fréchet distance and its image-text alignment); :func:`evaluate` and :func:`trainer_metrics` compute them.
+Images everywhere are model outputs: ``(N, 1, H, W)`` (or ``(N, 3, H, W)``) floats in [-1, 1].
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -36,12 +38,16 @@ __all__ = [
     "CLIP_MODEL_ID",
     "INCEPTION_SIZE",
     "LABELS",
+    "METRICS",
+    "PROFILE_METRICS",
+    "ProfileMetrics",
     "clip_score",
     "alignment_metric",
     "evaluate",
     "frechet_metric",
     "images_from_pil",
     "inception_fid",
+    "profile_metrics",
     "to_unit_rgb",
     "trainer_metrics",
     "truncate_prompts",
@@ -166,6 +172,44 @@ def clip_score(
     return max(float(torch.cat(scores).mean()), 0.0)
 
 
+#: Every metric by result key: ``fn(generated, prompts, reference) -> float`` on images ``(N, 1, H, W)``.
+METRICS: dict[str, Callable[[Tensor, list[str], Tensor], float]] = {
+    "fid": lambda gen, prompts, real: inception_fid(real, gen),
+    "clip_score": lambda gen, prompts, real: clip_score(gen, prompts),
+    "fid_proxy": lambda gen, prompts, real: fid_proxy(real, gen),
+    "alignment_proxy": lambda gen, prompts, real: alignment_proxy(gen, prompts),
+}
+
+
+@dataclass(frozen=True)
+class ProfileMetrics:
+    """A profile's two metrics by :data:`METRICS` key: its Fréchet distance and its image-text alignment."""
+
+    frechet: str
+    alignment: str
+
+
+#: Which metrics each profile scores with.
+PROFILE_METRICS = {
+    "paper": ProfileMetrics(frechet="fid", alignment="clip_score"),
+    "offline": ProfileMetrics(frechet="fid_proxy", alignment="alignment_proxy"),
+}
+
+
+def profile_metrics(profile: str | None = None) -> ProfileMetrics:
+    """The metric names of ``profile`` (default: the active one); ValueError for an unknown profile."""
+    name = profile or active_profile()
+    if name not in PROFILE_METRICS:
+        raise ValueError(f"profile={name!r}: expected {' or '.join(map(repr, sorted(PROFILE_METRICS)))}")
+    return PROFILE_METRICS[name]
+
+
+def _metric_fns(profile: str | None) -> dict[str, Callable[[Tensor, list[str], Tensor], float]]:
+    """``name -> fn(generated, prompts, reference)`` for ``profile``: its Fréchet distance, then its alignment."""
+    chosen = profile_metrics(profile)
+    return {name: METRICS[name] for name in (chosen.frechet, chosen.alignment)}
+
+
 def evaluate(
     generated: Tensor, prompts: Sequence[str], reference: Tensor, profile: str | None = None
 ) -> dict[str, float]:
@@ -178,33 +222,17 @@ def evaluate(
     return {name: fn(check_images("generated", generated), list(prompts), reference) for name, fn in fns.items()}
 
 
-def _metric_fns(profile: str | None) -> dict[str, Callable[[Tensor, list[str], Tensor], float]]:
-    """``name -> fn(generated, prompts, reference)`` for ``profile`` (default: the active one)."""
-    name = profile or active_profile()
-    if name == "paper":
-        return {
-            "fid": lambda gen, prompts, real: inception_fid(real, gen),
-            "clip_score": lambda gen, prompts, real: clip_score(gen, prompts),
-        }
-    if name == "offline":
-        return {
-            "fid_proxy": lambda gen, prompts, real: fid_proxy(real, gen),
-            "alignment_proxy": lambda gen, prompts, real: alignment_proxy(gen, prompts),
-        }
-    raise ValueError(f"profile={name!r}: expected 'offline' or 'paper'")
-
-
 def frechet_metric(profile: str | None = None) -> Callable[[Tensor, Tensor], float]:
     """The profile's Fréchet distance ``fn(real, generated)`` on images ``(N, 1, H, W)``: FID (paper)
-    or the Fréchet proxy (offline), the first metric of :func:`evaluate`."""
-    fid = next(iter(_metric_fns(profile).values()))
+    or the Fréchet proxy (offline), :attr:`ProfileMetrics.frechet`."""
+    fid = METRICS[profile_metrics(profile).frechet]
     return lambda real, generated: fid(check_images("generated", generated), [], real)
 
 
 def alignment_metric(profile: str | None = None) -> Callable[[Tensor, Sequence[str]], float]:
     """The profile's image-text alignment ``fn(images, prompts)``: CLIP score (paper) or the alignment
-    proxy (offline), the second metric of :func:`evaluate`."""
-    align = list(_metric_fns(profile).values())[1]
+    proxy (offline), :attr:`ProfileMetrics.alignment`."""
+    align = METRICS[profile_metrics(profile).alignment]
     return lambda images, prompts: align(check_images("images", images), list(prompts), images)
 
 
@@ -218,7 +246,7 @@ def images_from_pil(images: Sequence) -> Tensor:
 
 def trainer_metrics(profile: str | None = None) -> dict[str, Callable[[list, list[str], Tensor], float]]:
     """The profile's two metrics as ``name -> fn(PIL images, prompts, real (n, 1, H, W)) -> float``,
-    the form of :data:`selora.evaluation.MetricFn` (the trainer's per-epoch metrics); names are :data:`LABELS` keys."""
+    the form of :data:`selora.held_out.MetricFn` (the trainer's per-epoch metrics); names are :data:`LABELS` keys."""
     return {
         name: (lambda ims, prompts, real, fn=fn: fn(images_from_pil(ims), list(prompts), real))
         for name, fn in _metric_fns(profile).items()

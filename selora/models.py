@@ -17,10 +17,12 @@ import diffusers
 import torch
 from diffusers.utils import logging as diffusers_logging
 from packaging.version import Version
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers.utils import logging as transformers_logging
 
 from selora.distributed import default_device
+from selora.dtypes import HALF_DTYPES
+from selora.io import atomic_write_bytes
 from selora.paths import ASSETS_DIR
 from selora.profile import PROFILES
 from selora.profile import profile as active_profile
@@ -61,8 +63,8 @@ def write_clip_text_level(file: Path) -> None:
     """Rewrite a saved text-encoder ``model.safetensors`` in place with every name under
     :data:`CLIP_TEXT_LEVEL`, the naming every supported transformers major loads (4.x leaves
     level-less weights unused and the model random); tensors and their bytes are unchanged."""
-    state = load_file(str(file))
-    save_file({CLIP_TEXT_LEVEL + k: v for k, v in without_clip_text_level(state).items()}, str(file), {"format": "pt"})
+    named = {CLIP_TEXT_LEVEL + k: v for k, v in without_clip_text_level(load_file(str(file))).items()}
+    atomic_write_bytes(Path(file), save(named, {"format": "pt"}))  # a new file: the old one may be memory-mapped
 
 
 def sd15_scheduler_config() -> dict[str, object]:
@@ -95,7 +97,6 @@ def model_source(model: str) -> tuple[str, bool]:
 
 #: The weights file of a pipeline folder's fp16 variant (the hub's SD v1.5 has one per component).
 FP16_VARIANT_FILE = Path("unet") / "diffusion_pytorch_model.fp16.safetensors"
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def weights_variant(source: str, local: bool, dtype: torch.dtype) -> str | None:
@@ -159,3 +160,8 @@ def load_pipeline(
         )
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(device if device is not None else default_device())
+
+
+def base_model_id(model: str) -> str:
+    """The card's ``base_model``: the hub id for ``sd-v1-5``, else the config value (``mini-sd``, a folder)."""
+    return SD15_MODEL_ID if model == "sd-v1-5" else model

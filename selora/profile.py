@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 
-from selora.distributed import default_device as device
+from selora.distributed import default_device
 
 PROFILES = ("offline", "paper")
 
@@ -70,7 +70,7 @@ def setup(seed: int = 0) -> dict[str, object]:
     threads = set_threads()
     info: dict[str, object] = {
         "profile": profile(),
-        "device": str(device()),
+        "device": str(default_device()),
         "seed": seed,
         "threads": threads,
         "python": platform.python_version(),

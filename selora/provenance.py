@@ -19,13 +19,15 @@ import diffusers
 import peft
 import torch
 import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 import selora
 from selora.config import TrainConfig
 from selora.data import open_dataset
 from selora.distributed import default_device
 from selora.metrics import CLIP_MODEL_ID, LABELS
-from selora.models import MINI_SD_DIR, SD15_MODEL_ID
+from selora.models import CLIP_TEXT_LEVEL, MINI_SD_DIR, SD15_MODEL_ID, without_clip_text_level
 from selora.paths import repo_root
 from selora.profile import profile as active_profile
 from selora.proxies import load_proxy
@@ -33,12 +35,23 @@ from selora.proxies import load_proxy
 __all__ = ["data_sha256", "folder_sha256", "git_commit", "metric_provenance", "model_provenance", "provenance"]
 
 
+def _hashed_bytes(path: Path) -> bytes:
+    """``path``'s bytes; a ``.safetensors`` file naming CLIP's ``text_model.`` level (transformers 4's and
+    the hub's naming) as the file transformers 5 writes for the same tensors (the level dropped)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            if any(k.startswith(CLIP_TEXT_LEVEL) for k in f.keys()):
+                return save(without_clip_text_level(load_file(str(path))), f.metadata())
+    return path.read_bytes()
+
+
 def folder_sha256(folder: Path) -> str:
-    """sha256 over (relative path, bytes) of every file under ``folder``, in sorted order; hex."""
+    """sha256 over (relative path, bytes) of every file under ``folder``, in sorted order; hex. One text
+    encoder has one digest whichever transformers major's naming its file uses (:func:`_hashed_bytes`)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+        digest.update(_hashed_bytes(path))
     return digest.hexdigest()
 
 

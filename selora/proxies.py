@@ -193,7 +193,7 @@ def save_proxy(model: nn.Module, path: Path, provenance: dict) -> Path:
 def _load_proxy_cached(kind: str, path: str, mtime: float) -> nn.Module:
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
-        state = {k: fh.get_tensor(k).float() for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        state = {k: fh.get_tensor(k).float() for k in fh.keys()}
     if meta.get("kind") != kind:
         raise ValueError(f"{path}: expected a {kind!r} proxy, the file says kind={meta.get('kind')!r}")
     model = PROXIES[kind](**json.loads(meta["config"]))

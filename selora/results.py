@@ -26,14 +26,14 @@ import torch
 from safetensors.torch import load_file
 
 from selora.io import atomic_dir, read_jsonl
+from selora.layout import METRICS, RANK_HISTORY, RESULTS_JSON, RESULTS_MD, TEST_SAMPLES
 from selora.paths import ASSETS_DIR
 
 RESULTS_DIR = ASSETS_DIR / "results"
-SAMPLES = "test-samples.safetensors"
 RANK_TOTALS = "total-rank.json"  # published per run: [[step, total rank], ...] after every expansion test
 EVAL_CURVE = "eval-curve.json"  # published per run (when it logged any): its evaluation records' losses
 EVAL_KEYS = ("step", "epoch", "eval_loss", "test_loss")
-_COPIED = ("results.json", "results.md")
+_COPIED = (RESULTS_JSON, RESULTS_MD)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Experiment:
 
     def samples(self, method: str, seed: int) -> torch.Tensor:
         """The run's generated test images as float (N, 1, R, R) in [-1, 1], in prompt order."""
-        path = self.root / self.run(method, seed)["run_dir"] / SAMPLES
+        path = self.root / self.run(method, seed)["run_dir"] / TEST_SAMPLES
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (publish the experiment again)")
         return load_file(str(path))["images"].float() / 127.5 - 1
@@ -115,10 +115,10 @@ class Experiment:
 def load(name: str | Path) -> Experiment:
     """A published experiment by name (``selora/assets/results/<name>``) or any experiment folder."""
     root = Path(name) if Path(name).is_dir() else RESULTS_DIR / str(name)
-    path = root / "results.json"
+    path = root / RESULTS_JSON
     if not path.is_file():
         published = sorted(p.name for p in RESULTS_DIR.iterdir()) if RESULTS_DIR.is_dir() else []
-        raise FileNotFoundError(f"{path}: no results.json (published experiments: {published or 'none'})")
+        raise FileNotFoundError(f"{path}: no {RESULTS_JSON} (published experiments: {published or 'none'})")
     return Experiment(root, json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -143,13 +143,13 @@ def publish(experiment: Path | str, name: str, dest_root: Path | str = RESULTS_D
             shutil.copy2(src.root / file, tmp / file)
         for r in src.results["runs"]:
             (tmp / r["run_dir"]).mkdir(parents=True)
-            shutil.copy2(src.root / r["run_dir"] / SAMPLES, tmp / r["run_dir"] / SAMPLES)
-            history = src.root / r["run_dir"] / "rank_history.jsonl"
+            shutil.copy2(src.root / r["run_dir"] / TEST_SAMPLES, tmp / r["run_dir"] / TEST_SAMPLES)
+            history = src.root / r["run_dir"] / RANK_HISTORY
             if not history.is_file():
                 raise FileNotFoundError(f"{history}: missing (the run's rank history; publish needs the trained runs)")
             totals = [[rec["step"], sum(rec["ranks"].values())] for rec in read_jsonl(history)]
             (tmp / r["run_dir"] / RANK_TOTALS).write_text(json.dumps(totals), encoding="utf-8")
-            log = src.root / r["run_dir"] / "metrics.jsonl"
+            log = src.root / r["run_dir"] / METRICS
             if log.is_file():
                 evals = [e for e in read_jsonl(log) if e.get("kind") == "eval"]
                 curve = [{k: e[k] for k in EVAL_KEYS if k in e} for e in evals]

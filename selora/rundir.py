@@ -19,35 +19,40 @@ temporaries of interrupted writes (removed on resume).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from selora.checkpoint import load_adapter_tensors, read_adapters
+from selora.checkpoint import load_adapter_tensors, read_adapters, write_failure
 from selora.config import TrainConfig, load_config
 from selora.distributed import default_device
 from selora.io import atomic_write_text, read_jsonl
+from selora.layout import BAD as BAD  # the names of a run folder's parts, also used as rundir.<NAME>
+from selora.layout import BEST, CHECKPOINTS, CONFIG, FINAL_ADAPTERS, LAST, METRICS, PREVIOUS, RANK_HISTORY
+from selora.layout import FINAL_RANKS as FINAL_RANKS
+from selora.layout import SAMPLES as SAMPLES
 from selora.models import load_pipeline
 from selora.pipeline import add_adapters
 
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-RANK_HISTORY = "rank_history.jsonl"
-FINAL_ADAPTERS = "adapters.safetensors"
-FINAL_RANKS = "ranks.json"
-CHECKPOINTS = "checkpoints"
-LAST = "checkpoints/last"
-PREVIOUS = "checkpoints/previous"
-BAD = "checkpoints/last.bad"
-BEST = "best"
-SAMPLES = "samples"
-
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line to ``path``."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append one JSON line to ``path``. A failed write (a full disk) raises
+    :class:`~selora.checkpoint.CheckpointWriteError` naming ``path``, the file cut back to the
+    records before it (no half line)."""
+    line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while line:
+                line = line[os.write(fd, line) :]
+        except OSError as err:
+            os.ftruncate(fd, size)
+            raise write_failure(path, err) from None
+    finally:
+        os.close(fd)
 
 
 def count_lines(path: Path) -> int:

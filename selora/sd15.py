@@ -10,7 +10,8 @@ extractor whose folders are absent (as in a snapshot downloaded without them). T
 random; the folder builds in seconds and lets the paper path run end to end on a CPU (the dress
 rehearsal in ``tests/test_dress_rehearsal.py``) without the 4 GB download.
 :func:`build_sd15_modules` gives the same modules in memory, at any width up to SD v1.5's own
-(``benchmarks/gpu_check.py`` builds them at full width on the GPU).
+(``benchmarks/gpu_check.py`` builds them at full width on the GPU). SD v1.5's own config is written
+once, here: :func:`sd15_unet`, :func:`sd15_vae` and :func:`sd15_text_encoder` default to it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 SD15_BLOCK_OUT = (320, 640, 1280, 1280)
 SD15_VAE_BLOCK_OUT = (128, 256, 512, 512)
 SD15_TEXT_WIDTH, SD15_TEXT_LAYERS, SD15_TEXT_HEADS = 768, 12, 12
+SD15_TOKENS = 77  # CLIP's context: every prompt is padded or cut to it
 
 #: The hub's ``scheduler/scheduler_config.json`` of SD v1.5 (keys and values, diffusers version aside).
 HUB_SCHEDULER_EXTRA = {
@@ -42,8 +44,10 @@ ABSENT_COMPONENTS = {
 }
 
 
-def _unet(width: int, text_width: int):
-    """SD v1.5's UNet config at first-block width ``width`` (cross-attention ``text_width``)."""
+def sd15_unet(width: int = SD15_BLOCK_OUT[0], text_width: int = SD15_TEXT_WIDTH):
+    """SD v1.5's UNet (THE place its config is written) at first-block width ``width`` (cross-attention
+    ``text_width``); the defaults are SD v1.5 itself (859.5 M parameters). Random weights, on torch's
+    default device (``with torch.device("meta")``: shapes only)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -68,9 +72,9 @@ def _unet(width: int, text_width: int):
     )
 
 
-def _vae(first: int):
-    """SD's 4-block VAE, ``first`` wide at its first block (SD: 128), 32 GroupNorm groups (SD's) when
-    ``first`` is a multiple of 32, else 8."""
+def sd15_vae(first: int = SD15_VAE_BLOCK_OUT[0]):
+    """SD's 4-block VAE, ``first`` wide at its first block (SD: 128, the default), 32 GroupNorm groups
+    (SD's) when ``first`` is a multiple of 32, else 8."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -88,8 +92,9 @@ def _vae(first: int):
     )
 
 
-def _text_encoder(text_width: int):
-    """A 12-layer CLIP text encoder of hidden size ``text_width`` with the hub's token ids."""
+def sd15_text_encoder(text_width: int = SD15_TEXT_WIDTH):
+    """A 12-layer CLIP text encoder of hidden size ``text_width`` with the hub's token ids; the
+    default is SD v1.5's (CLIP ViT-L/14's text model, 123.1 M parameters)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(
@@ -100,7 +105,7 @@ def _text_encoder(text_width: int):
             projection_dim=text_width,
             num_hidden_layers=SD15_TEXT_LAYERS,
             num_attention_heads=SD15_TEXT_HEADS,
-            max_position_embeddings=77,
+            max_position_embeddings=SD15_TOKENS,
             hidden_act="quick_gelu",
             layer_norm_eps=1e-5,
             # the hub's text_encoder/config.json carries these (legacy) ids, not the tokenizer's
@@ -119,12 +124,9 @@ def _as_hub_snapshot(folder: Path, feature_extractor: bool) -> None:
         CLIPImageProcessor().save_pretrained(folder / "feature_extractor")
     # the hub's text-encoder weights name CLIP's ``text_model.`` level (transformers 5 dropped it from
     # the module names and maps it on load); write them that way, so that mapping is exercised too
-    from safetensors.torch import load_file, save_file
+    from selora.models import write_clip_text_level
 
-    te_file = folder / "text_encoder" / "model.safetensors"
-    state = load_file(str(te_file))
-    hub_names = {"text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
-    save_file(hub_names, str(te_file), metadata={"format": "pt"})
+    write_clip_text_level(folder / "text_encoder" / "model.safetensors")
     # the scheduler config as the hub has it (clip_sample is not a PNDM argument but is there)
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text())
@@ -157,7 +159,7 @@ def build_sd15_modules(
     if vae_width < 8 or vae_width % 8:
         raise ValueError(f"vae_width: expected a positive multiple of 8, got {vae_width}")
     torch.manual_seed(seed)
-    return _unet(width, text_width), _vae(vae_width), _text_encoder(text_width)
+    return sd15_unet(width, text_width), sd15_vae(vae_width), sd15_text_encoder(text_width)
 
 
 def build_sd15_structure(

@@ -5,7 +5,9 @@ with CLIP (shipped in ``selora/assets/clip/``, taken from the ``open_clip_torch`
 way CLIP's own ``SimpleTokenizer`` builds it: 256 byte symbols, the same 256 with the end-of-word
 mark ``</w>``, the first 48,894 merges, then ``<|startoftext|>`` (49406) and ``<|endoftext|>``
 (49407). The result is written as ``vocab.json`` + ``merges.txt`` into the cache and loaded with
-the stock transformers ``CLIPTokenizer``. The paper profile loads the tokenizer of the hub model.
+the stock transformers ``CLIPTokenizerFast`` (transformers 5's ``CLIPTokenizer``; 4.x's slow
+``CLIPTokenizer`` splits accented and CJK text differently). The paper profile loads the tokenizer of
+the hub model.
 
 Context length: 77 positions = ``<|startoftext|>`` + at most 75 text tokens + ``<|endoftext|>``;
 the paper's "76 tokens" counts everything after the start token. Longer prompts lose their tail.
@@ -22,7 +24,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizerFast
 
 from selora.io import atomic_write_text
 from selora.paths import ASSETS_DIR, cache_dir
@@ -77,13 +79,13 @@ def write_clip_tokenizer_files(out_dir: Path, bpe_file: Path = BPE_FILE) -> Path
     return out_dir
 
 
-def load_clip_tokenizer(profile: str | None = None) -> CLIPTokenizer:
+def load_clip_tokenizer(profile: str | None = None) -> CLIPTokenizerFast:
     """SD v1.5's CLIP tokenizer (``model_max_length`` 77): from the hub (paper) or rebuilt (offline)."""
     if (profile or active_profile()) == "paper":
         from selora.models import SD15_MODEL_ID
 
-        return CLIPTokenizer.from_pretrained(SD15_MODEL_ID, subfolder="tokenizer")
+        return CLIPTokenizerFast.from_pretrained(SD15_MODEL_ID, subfolder="tokenizer")
     folder = cache_dir("clip-tokenizer")
     if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
         write_clip_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=CONTEXT_LENGTH)
+    return CLIPTokenizerFast.from_pretrained(folder, model_max_length=CONTEXT_LENGTH)

@@ -32,6 +32,7 @@ from selora.checkpoint import CheckpointWriteError
 from selora.config import ConfigError, TrainConfig, load_config
 from selora.data import DataError
 from selora.distributed import close_distributed, default_device
+from selora.layout import CONFIG
 from selora.profile import profile, set_threads
 from selora.trainer import NonFiniteLossError, Trainer
 
@@ -45,7 +46,6 @@ RESUME_KEYS = (
     "guidance_scale",
     "max_bad_steps",
     "num_workers",
-    "debug_nan_steps",
 )
 
 
@@ -80,7 +80,7 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, bool]:
             raise ConfigError("--resume takes the config from RUN_DIR/config.yaml; drop --config")
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError(f"--out {args.out} differs from --resume {args.resume}; a run resumes in place")
-        saved = args.resume / "config.yaml"
+        saved = args.resume / CONFIG
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: not a run directory (no config.yaml)")
         bad = [o.partition("=")[0].strip() for o in args.overrides if o.partition("=")[0].strip() not in RESUME_KEYS]

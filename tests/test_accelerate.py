@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
-from test_ddp import check_two_processes, ddp_overrides
-from test_train import REPO, _cache, assets  # noqa: F401  (shared fixtures)
+import pytest
+from helpers.tiny_runs import REPO, check_two_processes, ddp_overrides
+
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 # `python -m selora.train` itself (same main, same argv), then what only the processes know: each
 # one's final ranks and adapters (the run folder holds the main process's), world and threads.
@@ -48,7 +51,14 @@ sys.exit(code)
 """
 
 
-def test_accelerate_launch_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
+def free_port() -> str:
+    """A TCP port free now (``--main_process_port 0`` leaves the workers hanging on accelerate < 1.7)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_accelerate_launch_two_processes_match_one_process(assets, tmp_path):
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "selora_train_probe.py").write_text(PROBE)
     run = tmp_path / "run"
@@ -63,7 +73,7 @@ def test_accelerate_launch_two_processes_match_one_process(assets, tmp_path):  #
     }
     cmd = [
         *(sys.executable, "-m", "accelerate.commands.accelerate_cli"),  # the `accelerate` command
-        *("launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"),
+        *("launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", free_port()),
         *("--mixed_precision", "no", "--dynamo_backend", "no"),
         *("-m", "selora_train_probe"),  # = -m selora.train, observed (see PROBE)
         *("--config", "montgomery-offline", "--out", str(run), "--no-progress"),

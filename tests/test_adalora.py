@@ -1,25 +1,21 @@
 """AdaLoRA 6 -> 4 via PEFT: explicit orthogonality regulariser, budget allocation each step, counts."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.tiny_models import tiny_clip, tiny_unet, unet_forward
 from torch import nn
 
 from selora.methods import (
+    METHODS,
     adalora_config,
     adalora_ranks,
     inject_adalora,
-    make_adapters,
     orthogonal_regulariser,
     resolve_targets,
 )
 from selora.params import count_parameters
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_inject import tiny_clip, tiny_unet, unet_forward  # noqa: E402
 
 
 class WithLoss(nn.Module):
@@ -81,7 +77,7 @@ def test_regulariser_is_zero_for_orthonormal_factors():
 def test_budget_falls_from_6_to_4_per_layer_with_update_and_allocate_each_step():
     unet = tiny_unet()
     total = 30
-    adapters = make_adapters(unet, "adalora", "authors-unet", total_steps=total)
+    adapters = METHODS["adalora"].build(unet, "authors-unet", total_steps=total)
     n = len(adapters.layers)
     assert set(adalora_ranks(unet).values()) == {0}  # E starts at zero: the output is the base model's
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
@@ -107,7 +103,7 @@ def test_parameter_counts_for_every_method_on_the_same_targets():
         base = sum(p.numel() for p in unet.parameters())
         names = resolve_targets(unet, "authors-unet")
         dims = [(unet.get_submodule(n).in_features, unet.get_submodule(n).out_features) for n in names]
-        make_adapters(unet, method, "authors-unet", total_steps=10)
+        METHODS[method].build(unet, "authors-unet", total_steps=10)
         counts[method] = c = count_parameters(unet)
         assert c.base == base
         assert c.fraction == pytest.approx(c.trainable / base)
@@ -124,7 +120,7 @@ def test_parameter_counts_for_every_method_on_the_same_targets():
 
 def test_adalora_on_a_clip_text_encoder_keeps_only_adapters_trainable():
     clip = tiny_clip()
-    adapters = make_adapters(clip, "adalora", "paper-text-encoder", total_steps=10)
+    adapters = METHODS["adalora"].build(clip, "paper-text-encoder", total_steps=10)
     trainable = [n for n, p in clip.named_parameters() if p.requires_grad]
     assert trainable and all(k in n for n in trainable for k in ("default",))
     expected = [n for n, m in tiny_clip().named_modules() if n.endswith(("q_proj", "k_proj", "v_proj"))]
@@ -136,9 +132,7 @@ def test_adalora_on_a_clip_text_encoder_keeps_only_adapters_trainable():
 
 def test_bad_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="total_steps: AdaLoRA's rank budget schedule needs"):
-        make_adapters(tiny_unet(), "adalora", "authors-unet")
-    with pytest.raises(ValueError, match="method: expected one of"):
-        make_adapters(tiny_unet(), "vera", "authors-unet")
+        METHODS["adalora"].build(tiny_unet(), "authors-unet")
     with pytest.raises(ValueError, match="tinit=5 \\+ tfinal=5: expected fewer than total_step=10"):
         adalora_config(["x"], 10, tinit=5, tfinal=5)
     with pytest.raises(ValueError, match="matched no nn.Linear module"):
@@ -166,7 +160,7 @@ def test_one_call_adapts_unet_and_text_encoder_together(method):
     model = UNetAndTextEncoder()
     expected = resolve_targets(model, TARGETS)
     assert any(n.startswith("unet.") for n in expected) and any(n.startswith("text_encoder.") for n in expected)
-    adapters = make_adapters(model, method, TARGETS, total_steps=10, generator=torch.Generator().manual_seed(0))
+    adapters = METHODS[method].build(model, TARGETS, total_steps=10, generator=torch.Generator().manual_seed(0))
     assert sorted(adapters.layers) == sorted(expected)
     adapters.before_forward(0)
     if method == "dylora":

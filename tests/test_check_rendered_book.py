@@ -19,9 +19,9 @@ import yaml
 from PIL import Image
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from selora.book.slider import frame_slider  # noqa: E402
+from selora.book.slider import frame_slider
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "check_rendered_book.py"

@@ -10,15 +10,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from test_train import REPO, _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
+import pytest
+from helpers.tiny_runs import REPO, check_two_processes, ddp_overrides
 
-from selora.config import load_config
-from selora.rundir import read_records
-from selora.trainer import Trainer
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 DRIVER = """
 import os, sys, json
@@ -39,56 +35,7 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as fh:
 """
 
 
-def ddp_overrides(paths: dict[str, Path]) -> list[str]:
-    """Global batch 16 -> 6 steps per epoch; tests for expansion at steps 2, 4, 6; evaluation at the end.
-    ``paths``: the ``assets`` fixture."""
-    return tiny_overrides(paths, batch_size=16, epochs=1, interval=2, threshold=1.3, num_samples=2)
-
-
-def one_process_run(paths: dict[str, Path]) -> Path:
-    """The one-process run with :func:`ddp_overrides`, trained once per session (both launcher tests use it)."""
-    run = paths["model"].parent / "ddp-one-process"
-    if not (run / "ranks.json").is_file():  # written by Trainer._finish
-        Trainer(load_config("montgomery-offline", ddp_overrides(paths)), run, progress=False).run()
-    return run
-
-
-def check_two_processes(paths: dict[str, Path], ddp: Path) -> None:
-    """``ddp`` (a run folder with each process's ``rank<r>.json`` / ``rank<r>.safetensors``) was trained
-    by two processes of one thread each, identically on both, and matches the one-process run.
-    ``paths``: the ``assets`` fixture."""
-    overrides = ddp_overrides(paths)
-    info = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [i["world"] for i in info] == [2, 2] and [i["threads"] for i in info] == [1, 1]
-    # identical across processes: ranks exactly, adapters bit for bit (DDP averages the gradients)
-    assert info[0]["ranks"] == info[1]["ranks"]
-    a0, a1 = (load_file(str(ddp / f"rank{r}.safetensors")) for r in (0, 1))
-    assert all(torch.equal(a0[k], a1[k]) for k in a0)
-    grown = [n for n, r in info[0]["ranks"].items() if r > 1]
-    assert grown and len(grown) < len(info[0]["ranks"]), "threshold should grow some layers, not all"
-
-    # one process, same global batch
-    single = one_process_run(paths)
-    assert json.loads((single / "ranks.json").read_text()) == info[0]["ranks"]
-    ref = load_file(str(single / "adapters.safetensors"))
-    assert ref.keys() == a0.keys()
-    # summation order differs (gradients averaged over two half batches), and Adam divides by sqrt(v):
-    # an entry whose gradient is ~0 can move by a visible fraction of lr, so compare at 1 % of lr
-    lr = load_config("montgomery-offline", overrides).lr
-    for k in ref:
-        assert torch.allclose(ref[k], a0[k], rtol=1e-4, atol=0.01 * lr), f"{k}: DDP and single-process adapters differ"
-    assert sum(not torch.allclose(ref[k], a0[k], rtol=1e-4, atol=1e-5) for k in ref) <= 2
-    losses = [[r["loss"] for r in read_records(d)["train"]] for d in (single, ddp)]
-    assert len(losses[0]) == len(losses[1]) == 6
-    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(*losses))
-    evals = [[r["eval_loss"] for r in read_records(d)["eval"]] for d in (single, ddp)]
-    assert len(evals[1]) == 1 and abs(evals[0][0] - evals[1][0]) <= 1e-5 * evals[0][0]
-    hist = [[h["ranks"] for h in read_records(d)["ranks"]] for d in (single, ddp)]
-    assert hist[0] == hist[1] and len(hist[0]) == 4
-    assert (ddp / "samples" / "epoch-001.png").is_file()
-
-
-def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process(assets, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     ddp = tmp_path / "ddp"
@@ -113,3 +60,34 @@ def test_two_processes_match_one_process(assets, tmp_path):  # noqa: F811
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_two_processes(assets, ddp)
+
+
+class _OldDDP:
+    """DistributedDataParallel's signature before torch 2.7 (no ``init_sync``)."""
+
+    def __init__(self, module, device_ids=None):
+        self.module, self.device_ids = module, device_ids
+
+
+class _NewDDP:
+    """DistributedDataParallel's signature from torch 2.7 on."""
+
+    def __init__(self, module, device_ids=None, init_sync=True):
+        self.module, self.device_ids, self.init_sync = module, device_ids, init_sync
+
+
+def test_ddp_skips_its_start_sync_only_where_torch_has_the_option(monkeypatch):
+    """``init_sync=False`` (every process loaded the same weights) is passed where DDP takes it (torch
+    2.7+); an older DDP gets no unknown keyword (it raised TypeError on torch 2.3-2.6)."""
+    import torch.nn.parallel
+
+    from selora.distributed import Dist
+
+    model = torch.nn.Linear(2, 2)
+    two = Dist(0, 2, torch.device("cpu"))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", _OldDDP)
+    assert two.wrap(model).module is model
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", _NewDDP)
+    wrapped = two.wrap(model)
+    assert wrapped.module is model and wrapped.init_sync is False
+    assert Dist(0, 1, torch.device("cpu")).wrap(model) is model

@@ -11,20 +11,17 @@ paths, with stand-in feature networks where the weights cannot be downloaded her
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.stock import BLOCK_SELORA, run_stock
+from helpers.tiny_models import make_tiny_clip
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_export import BLOCK_SELORA
-from test_metrics import make_tiny_clip
 from torch import nn
 
 from selora import metrics
@@ -64,7 +61,7 @@ STOCK = BLOCK_SELORA + textwrap.dedent(
         out[f"text_encoder_{tag}"] = pipe.text_encoder(x["input_ids"]).last_hidden_state
 
     pipe = load(base)
-    pipe.load_lora_weights(lora_dir)
+    pipe.load_lora_weights(lora_dir, weight_name="pytorch_lora_weights.safetensors")
     run("lora", pipe)
     g = torch.Generator().manual_seed(0)
     out["image"] = pipe(["a chest x-ray"], num_inference_steps=2, height=32, width=32,
@@ -157,6 +154,7 @@ def test_a_snapshot_without_the_safety_checker_folders_loads(paper_env):
     assert pipe.safety_checker is None and pipe.feature_extractor is None
 
 
+@pytest.mark.slow
 def test_paper_path_dress_rehearsal(paper_env, capsys):
     from selora.export import main as export_main
     from selora.rundir import load_run
@@ -226,13 +224,7 @@ def test_paper_path_dress_rehearsal(paper_env, capsys):
             "text_encoder": pipe.text_encoder(x["input_ids"]).last_hidden_state,
         }
     save_file(x, str(tmp / "inputs.safetensors"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", STOCK, str(model), str(lora_dir), str(merged), str(tmp / "inputs.safetensors"),
-         str(tmp / "stock.safetensors")],
-        capture_output=True, text=True, env=env, cwd=tmp, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_stock(tmp / "stock.py", STOCK, [model, lora_dir, merged, tmp / "inputs.safetensors", tmp / "stock.safetensors"])
     stock = load_file(str(tmp / "stock.safetensors"))
     for part in ("unet", "text_encoder"):
         ref = ours[part]

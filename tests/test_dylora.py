@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import selora
-from selora.methods import DyLoRALinear, make_adapters, sample_truncation, set_truncation
+from selora.methods import METHODS, DyLoRALinear, sample_truncation, set_truncation
 from selora.params import count_parameters
 
 
@@ -71,7 +71,7 @@ def mlp():
 
 def test_sampling_covers_1_to_r_uniformly_and_is_seeded():
     model = mlp()
-    adapters = make_adapters(model, "dylora", "all-linear", rank=4, generator=torch.Generator().manual_seed(0))
+    adapters = METHODS["dylora"].build(model, "all-linear", rank=4, generator=torch.Generator().manual_seed(0))
     draws = [sample_truncation(model, torch.Generator().manual_seed(s)) for s in range(400)]
     counts = torch.bincount(torch.tensor(draws), minlength=5)
     assert counts[0] == 0 and counts[1:].min() > 70, counts  # 100 expected each
@@ -83,7 +83,7 @@ def test_sampling_covers_1_to_r_uniformly_and_is_seeded():
 
 def test_training_loop_hook_and_evaluation_truncation():
     model = mlp()
-    adapters = make_adapters(model, "dylora", "all-linear", generator=torch.Generator().manual_seed(0))
+    adapters = METHODS["dylora"].build(model, "all-linear", generator=torch.Generator().manual_seed(0))
     assert all(isinstance(m, DyLoRALinear) and m.rank == 4 for m in adapters.layers.values())
     assert {id(p) for p in model.parameters() if p.requires_grad} == {
         id(p) for m in adapters.layers.values() for p in (m.lora_A, m.lora_B)

@@ -9,15 +9,17 @@ import statistics
 
 import pytest
 import torch
+from helpers.tiny_runs import tiny_overrides
 from safetensors.torch import load_file
-from test_train import _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
 from selora.config import load_config
 from selora.evaluate import held_out_split, main, summary_table
 from selora.metrics import evaluate
 
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
-def sets(assets, **extra) -> list[str]:  # noqa: F811 (the fixture's value)
+
+def sets(assets, **extra) -> list[str]:
     items = tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0, sample_steps=2, **extra)
     return [a for item in items for a in ("--set", item)]
 
@@ -27,7 +29,7 @@ def _one_thread(monkeypatch):
     monkeypatch.setenv("SELORA_THREADS", "1")  # main() sets the thread count from the environment
 
 
-def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets, tmp_path, capsys):  # noqa: F811
+def test_experiment_writes_per_run_and_per_method_results_with_provenance(assets, tmp_path, capsys):
     out = tmp_path / "exp"
     args = [
         "--methods",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import selora
+from selora.core.criteria import FIRatio
 from selora.core.layers import lora_layers
 from selora.core.optim import replace_parameters
 
@@ -49,7 +50,7 @@ def test_controller_counts_forward_calls_and_works_only_on_test_steps():
     forwards = []
     model.register_forward_pre_hook(lambda m, a: forwards.append(1))
     opt = torch.optim.Adam(selora.trainable_parameters(model), lr=1e-2)
-    ctl = selora.ExpansionController(model, opt, threshold=1.0, interval=4)
+    ctl = selora.ExpansionController(model, opt, FIRatio(1.0), interval=4)
     armed = []
     _, decisions = train(model, opt, ctl, range(13), armed)
     assert len(forwards) == 13  # no extra forward: the controller never calls the model
@@ -62,13 +63,13 @@ def test_controller_counts_forward_calls_and_works_only_on_test_steps():
 def test_expansion_decisions_and_optimizer_stays_exact():
     model, layers = toy()
     opt = torch.optim.AdamW(selora.trainable_parameters(model), lr=1e-2, weight_decay=0.1)
-    ctl = selora.ExpansionController(model, opt, threshold=1.0, interval=2, max_rank=3)
+    ctl = selora.ExpansionController(model, opt, FIRatio(1.0), interval=2, max_rank=3)
     _, decisions = train(model, opt, ctl, range(12))
     test_steps = [d for d in decisions if d]
     # threshold 1: every layer with signal grows by one per test until max_rank
     for t, ds in enumerate(test_steps):
         for d in ds:
-            assert d.ratio >= 1 and d.expanded == (d.rank_before < 3)
+            assert d.score.ratio >= 1 and d.expanded == (d.rank_before < 3)
             assert d.rank_before == min(1 + t, 3)
     assert selora.ranks(model) == {name: 3 for name in layers}
     assert live_params_match(model, opt)
@@ -78,23 +79,23 @@ def test_expansion_decisions_and_optimizer_stays_exact():
 def test_threshold_and_zero_signal_block_expansion():
     model, _ = toy()
     opt = torch.optim.SGD(selora.trainable_parameters(model), lr=1e-2)
-    ctl = selora.ExpansionController(model, opt, threshold=1e12, interval=1)
+    ctl = selora.ExpansionController(model, opt, FIRatio(1e12), interval=1)
     _, decisions = train(model, opt, ctl, range(2))
-    assert all(not d.expanded and d.ratio < 1e12 for ds in decisions for d in ds)
+    assert all(not d.expanded and d.score.ratio < 1e12 for ds in decisions for d in ds)
     assert set(selora.ranks(model).values()) == {1}
     # an unused layer scores 0/0: no expansion
     unused = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
     layers = selora.inject(unused, "all-linear")
-    ctl = selora.ExpansionController(layers, None, threshold=1.0, interval=1)
+    ctl = selora.ExpansionController(layers, None, FIRatio(1.0), interval=1)
     unused["a"](torch.randn(4, 3)).sum().backward()
     by = {d.name: d for d in ctl.step()}
-    assert math.isnan(by["b"].ratio) and not by["b"].expanded and by["b"].fi_orig == 0
+    assert math.isnan(by["b"].score.ratio) and not by["b"].expanded and by["b"].score.fi_orig == 0
     assert by["a"].expanded  # B = 0 at init: fi_orig has only dB, and the new column adds signal
 
 
 def test_scored_K_is_installed():
     model, layers = toy()
-    ctl = selora.ExpansionController(model, None, threshold=1.0, interval=1)
+    ctl = selora.ExpansionController(model, None, FIRatio(1.0), interval=1)
     Ks = {n: c.K.clone() for n, c in ctl.captures.items()}
     x, y = batch(0)
     ((model(x) - y) ** 2).mean().backward()
@@ -116,7 +117,7 @@ def test_optimizer_state_preserved_bit_for_bit(make):
     model, layers = toy()
     params = selora.trainable_parameters(model)
     opt = make([{"params": params[:2], "lr": 1e-3}, {"params": params[2:]}])
-    ctl = selora.ExpansionController(model, opt, threshold=1.0, interval=3)
+    ctl = selora.ExpansionController(model, opt, FIRatio(1.0), interval=3)
     train(model, opt, ctl, range(2))  # state exists, no test yet
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     x, y = batch(2)
@@ -193,7 +194,7 @@ def test_resume_from_state_dict_gives_same_ranks_and_losses():
         model, _ = toy()
         opt = torch.optim.Adam(selora.trainable_parameters(model), lr=2e-2)
         ctl = selora.ExpansionController(
-            model, opt, threshold=1.05, interval=3, generator=torch.Generator().manual_seed(7)
+            model, opt, FIRatio(1.05), interval=3, generator=torch.Generator().manual_seed(7)
         )
         return model, opt, ctl
 
@@ -229,17 +230,17 @@ def test_reduce_hook_sees_the_statistics():
     x, y = batch(0)
     ref_model = copy.deepcopy(model)
     ref = selora.ExpansionController(
-        ref_model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0)
+        ref_model, None, FIRatio(1e9), interval=1, generator=torch.Generator().manual_seed(0)
     )
     ((ref_model(x) - y) ** 2).mean().backward()
     ctl = selora.ExpansionController(
-        model, None, threshold=1e9, interval=1, generator=torch.Generator().manual_seed(0), reduce=double
+        model, None, FIRatio(1e9), interval=1, generator=torch.Generator().manual_seed(0), reduce=double
     )
     ((model(x) - y) ** 2).mean().backward()
     got, want = ctl.step(), ref.step()
     assert len(seen) == 1 and seen[0].shape == (3, 3) and torch.all(seen[0][:, 2] == 16)
     for a, b in zip(got, want):
-        assert a.fi_orig == pytest.approx(b.fi_orig) and a.fi_exp == pytest.approx(b.fi_exp)
+        assert a.score.fi_orig == pytest.approx(b.score.fi_orig) and a.score.fi_exp == pytest.approx(b.score.fi_exp)
 
 
 def test_discard_drops_a_skipped_pass_and_keeps_the_test_step():
@@ -248,9 +249,9 @@ def test_discard_drops_a_skipped_pass_and_keeps_the_test_step():
     that never saw the bad pass."""
     model, _ = toy()
     ref_model = copy.deepcopy(model)
-    ctl = selora.ExpansionController(model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0))
+    ctl = selora.ExpansionController(model, None, FIRatio(1.0), interval=1, generator=torch.Generator().manual_seed(0))
     ref = selora.ExpansionController(
-        ref_model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0)
+        ref_model, None, FIRatio(1.0), interval=1, generator=torch.Generator().manual_seed(0)
     )
     (bx, by), (x, y) = batch(7), batch(0)
     (((model(bx) - by) ** 2).mean() * float("inf")).backward()
@@ -261,10 +262,8 @@ def test_discard_drops_a_skipped_pass_and_keeps_the_test_step():
     ((model(x) - y) ** 2).mean().backward()
     ((ref_model(x) - y) ** 2).mean().backward()
     got, want = ctl.step(), ref.step()
-    assert [(d.name, d.fi_orig, d.fi_exp, d.expanded) for d in got] == [
-        (d.name, d.fi_orig, d.fi_exp, d.expanded) for d in want
-    ]
-    assert all(math.isfinite(d.ratio) for d in got) and selora.ranks(model) == selora.ranks(ref_model)
+    assert [(d.name, d.score, d.expanded) for d in got] == [(d.name, d.score, d.expanded) for d in want]
+    assert all(math.isfinite(d.score.ratio) for d in got) and selora.ranks(model) == selora.ranks(ref_model)
 
 
 @pytest.mark.parametrize("scale", [2.0**16, 3.0])
@@ -273,16 +272,18 @@ def test_grad_scale_is_divided_out_of_the_statistics(scale):
     FI values of the unscaled loss (sums of squared gradients: divided by scale^2)."""
     model, _ = toy()
     ref_model = copy.deepcopy(model)
-    ctl = selora.ExpansionController(model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0))
+    ctl = selora.ExpansionController(model, None, FIRatio(1.0), interval=1, generator=torch.Generator().manual_seed(0))
     ref = selora.ExpansionController(
-        ref_model, None, threshold=1.0, interval=1, generator=torch.Generator().manual_seed(0)
+        ref_model, None, FIRatio(1.0), interval=1, generator=torch.Generator().manual_seed(0)
     )
     x, y = batch(0)
     (((model(x) - y) ** 2).mean() * scale).backward()
     ((ref_model(x) - y) ** 2).mean().backward()
     got, want = ctl.step(grad_scale=scale), ref.step()
     for a, b in zip(got, want):
-        assert a.fi_orig == pytest.approx(b.fi_orig, rel=1e-5) and a.fi_exp == pytest.approx(b.fi_exp, rel=1e-5)
-        assert a.ratio == pytest.approx(b.ratio, rel=1e-5) and a.expanded == b.expanded
+        assert a.score.fi_orig == pytest.approx(b.score.fi_orig, rel=1e-5) and a.score.fi_exp == pytest.approx(
+            b.score.fi_exp, rel=1e-5
+        )
+        assert a.score.ratio == pytest.approx(b.score.ratio, rel=1e-5) and a.expanded == b.expanded
     with pytest.raises(ValueError, match="grad_scale"):
         ctl.step(grad_scale=0.0)

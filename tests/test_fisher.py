@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import selora
+from selora.core.criteria import FIRatio
 from selora.core.fisher import fi_ratio
 
 
@@ -64,7 +65,7 @@ def data(seed: int, n: int = 7, t: int = 4, dtype=torch.float64):
 def captured(model, x, y, reduction="mean"):
     """One controlled step (interval 1, no expansion): decisions and the candidate rows K."""
     ctl = selora.ExpansionController(
-        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3), loss_reduction=reduction
+        model, None, FIRatio(1e30), interval=1, generator=torch.Generator().manual_seed(3), loss_reduction=reduction
     )
     Ks = {name: c.K.clone() for name, c in ctl.captures.items()}
     per = ((model(x) - y) ** 2).sum(1)
@@ -86,10 +87,10 @@ def test_fi_orig_and_exp_match_vmap_reference(reduction):
     ref_exp = reference_fi(expanded, x, y)
     assert set(decisions) == {"inp", "mid", "head"}
     for name, d in decisions.items():
-        assert d.fi_orig == pytest.approx(ref_orig[name], rel=1e-5), name
-        assert d.fi_exp == pytest.approx(ref_exp[name], rel=1e-5), name
-        assert d.fi_exp > d.fi_orig > 0
-        assert d.ratio == pytest.approx(ref_exp[name] / ref_orig[name], rel=1e-5)
+        assert d.score.fi_orig == pytest.approx(ref_orig[name], rel=1e-5), name
+        assert d.score.fi_exp == pytest.approx(ref_exp[name], rel=1e-5), name
+        assert d.score.fi_exp > d.score.fi_orig > 0
+        assert d.score.ratio == pytest.approx(ref_exp[name] / ref_orig[name], rel=1e-5)
         assert not d.expanded
 
 
@@ -98,16 +99,14 @@ def test_gradient_accumulation_counts_samples_once():
     x, y = data(2, n=8)
     full, _ = captured(make_model(), x, y)
     model = make_model()
-    ctl = selora.ExpansionController(
-        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3)
-    )
+    ctl = selora.ExpansionController(model, None, FIRatio(1e30), interval=1, generator=torch.Generator().manual_seed(3))
     for sl in (slice(0, 4), slice(4, 8)):
         (((model(x[sl]) - y[sl]) ** 2).sum(1).mean() / 2).backward()
     halves = {d.name: d for d in ctl.step()}
     for name, d in full.items():
         # each half's mean loss is halved again here: per-sample gradients are 1/2, FI is 1/4
-        assert halves[name].fi_orig == pytest.approx(d.fi_orig / 4, rel=1e-9)
-        assert halves[name].ratio == pytest.approx(d.ratio, rel=1e-9)
+        assert halves[name].score.fi_orig == pytest.approx(d.score.fi_orig / 4, rel=1e-9)
+        assert halves[name].score.ratio == pytest.approx(d.score.ratio, rel=1e-9)
 
 
 def test_differs_from_squared_mean_gradient():
@@ -118,7 +117,7 @@ def test_differs_from_squared_mean_gradient():
     for name, layer in selora.core.layers.lora_layers(model).items():
         shortcut = layer.lora_A.grad.pow(2).sum().item() + layer.lora_B.grad.pow(2).sum().item()
         # Jensen: mean_i g_i^2 >= (mean_i g_i)^2, and with 16 samples far from equality
-        assert shortcut < 0.5 * decisions[name].fi_orig, name
+        assert shortcut < 0.5 * decisions[name].score.fi_orig, name
 
 
 @settings(max_examples=25, deadline=None)
@@ -140,16 +139,16 @@ def test_ratio_is_at_least_one(d_in, d_out, rank, n, t, seed, zero_b):
             for layer in layers.values():
                 layer.lora_B.normal_()
     ctl = selora.ExpansionController(
-        model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(seed)
+        model, None, FIRatio(1e30), interval=1, generator=torch.Generator().manual_seed(seed)
     )
     x = torch.randn(n, t, d_in) if t > 1 else torch.randn(n, d_in)
     model(x).pow(2).mean().backward()
     for d in ctl.step():
-        if d.fi_orig > 0:
-            assert d.fi_exp / d.fi_orig >= 1.0
-            assert d.fi_orig / d.fi_exp <= 1.0  # the printed Eq. 5 direction can never reach 1.1
+        if d.score.fi_orig > 0:
+            assert d.score.fi_exp / d.score.fi_orig >= 1.0
+            assert d.score.fi_orig / d.score.fi_exp <= 1.0  # the printed Eq. 5 direction can never reach 1.1
         else:
-            assert math.isinf(d.ratio) or math.isnan(d.ratio)
+            assert math.isinf(d.score.ratio) or math.isnan(d.score.ratio)
 
 
 def test_fi_ratio_edge_cases():
@@ -183,11 +182,11 @@ def test_activation_checkpointing_with_accumulation_matches():
         model = make_model()
         model.__class__ = cls
         ctl = selora.ExpansionController(
-            model, None, threshold=1e30, interval=1, generator=torch.Generator().manual_seed(3)
+            model, None, FIRatio(1e30), interval=1, generator=torch.Generator().manual_seed(3)
         )
         for sl in (slice(0, 3), slice(3, 6)):
             ((model(x[sl]) - y[sl]) ** 2).sum(1).mean().backward()
-        results.append({d.name: (d.fi_orig, d.fi_exp) for d in ctl.step()})
+        results.append({d.name: (d.score.fi_orig, d.score.fi_exp) for d in ctl.step()})
     for other in results[1:]:
         for name, (orig, exp) in results[0].items():
             assert other[name] == pytest.approx((orig, exp), rel=1e-9), name
@@ -201,7 +200,7 @@ def test_functional_helpers_agree_with_the_controller():
     layer = selora.SeLoRALinear(nn.Linear(5, 4), rank=2, scale=1.5).double()
     with torch.no_grad():
         layer.lora_B.normal_()
-    ctl = selora.ExpansionController([layer], None, threshold=1e30, interval=1)
+    ctl = selora.ExpansionController([layer], None, FIRatio(1e30), interval=1)
     K = ctl.captures["0"].K
     x = torch.randn(6, 3, 5, dtype=torch.float64)
     y = layer(x)
@@ -211,7 +210,7 @@ def test_functional_helpers_agree_with_the_controller():
     with torch.no_grad():
         u = x @ layer.lora_A.T
         parts = per_sample_grads(x, u, y.grad, layer.lora_B, layer.scaling, K, factor=6)
-    assert fi_scores(sample_stats(*parts)) == pytest.approx((decision.fi_orig, decision.fi_exp), rel=1e-12)
+    assert fi_scores(sample_stats(*parts)) == pytest.approx((decision.score.fi_orig, decision.score.fi_exp), rel=1e-12)
     # and dB summed over samples is N times the batch gradient of the mean loss
     torch.testing.assert_close(parts[1].sum(0) / 6, layer.lora_B.grad)
     torch.testing.assert_close(parts[0].sum(0) / 6, layer.lora_A.grad)

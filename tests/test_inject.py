@@ -2,48 +2,14 @@
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from helpers.tiny_models import tiny_clip, tiny_unet, unet_forward
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
 import selora
-
-
-def tiny_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        use_linear_projection=True,
-    )
-
-
-def tiny_clip() -> CLIPTextModel:
-    torch.manual_seed(0)
-    cfg = CLIPTextConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=12,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(cfg)
 
 
 def n_linear(model: nn.Module) -> int:
@@ -57,13 +23,6 @@ def authors_expected(unet: nn.Module) -> int:
         + sum(isinstance(m, FeedForward) for m in unet.modules())
         + sum(isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None for m in unet.modules())
     )
-
-
-def unet_forward(unet):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 5, 16, generator=g)
-    return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample
 
 
 def check_frozen_and_flowing(model, layers, out):

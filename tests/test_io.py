@@ -165,3 +165,41 @@ def test_read_jsonl_returns_one_record_per_line_in_order(tmp_path: Path) -> None
     assert read_jsonl(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "ranks": {"a": 3}}]
     path.write_text("", encoding="utf-8")
     assert read_jsonl(path) == []
+
+
+@pytest.fixture
+def disk_log(monkeypatch) -> list[tuple[str, str]]:
+    """What reaches the disk, in order: ("fsync", name of the flushed file/folder), ("replace", target name)."""
+    log: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        log.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        log.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_a_file_is_on_the_disk_before_it_is_renamed_and_the_rename_after(tmp_path: Path, disk_log) -> None:
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (flush_tmp, rename, flush_folder) = disk_log
+    assert flush_tmp[0] == "fsync" and flush_tmp[1].startswith(".a.txt.") and flush_tmp[1].endswith(".tmp")
+    assert rename == ("replace", "a.txt") and flush_folder == ("fsync", tmp_path.name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_a_folder_is_on_the_disk_before_it_is_renamed_and_the_rename_after(tmp_path: Path, disk_log) -> None:
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"1")
+        (tmp / "c.json").write_text("{}")
+    flushed = [name for kind, name in disk_log[:-2] if kind == "fsync"]
+    assert sorted(flushed[:-1]) == ["c.json", "sub", "w.bin"] and flushed[-1] == tmp.name
+    assert disk_log[-2:] == [("replace", "out"), ("fsync", tmp_path.name)]

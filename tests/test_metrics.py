@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers.tiny_models import make_tiny_clip
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from selora import metrics
 from selora.frechet import frechet_distance, frechet_distance_features, gaussian_stats, same_distribution_distances
+from selora.profile import PROFILES
 from selora.tokenizer import load_clip_tokenizer
 
 
@@ -140,35 +141,6 @@ def test_standard_inception_refuses_to_download_offline(monkeypatch):
         metrics.clip_score(torch.zeros(1, 1, 8, 8), ["a"])
 
 
-def make_tiny_clip(tokenizer):
-    """A random CLIP built from a config (no download) with ``tokenizer`` and CLIP's image processor."""
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-            "projection_dim": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 224,
-            "patch_size": 32,
-            "projection_dim": 16,
-        },
-        projection_dim=16,
-    )
-    model = CLIPModel(cfg).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
-    return lambda: (model, processor)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip():
     """:func:`make_tiny_clip` with SD v1.5's tokenizer."""
@@ -190,8 +162,10 @@ def test_clip_score_path_with_a_tiny_random_clip(tiny_clip):
     with torch.no_grad():
         pix = processor(images=list((metrics.to_unit_rgb(images) * 255).round().to(torch.uint8)), return_tensors="pt")
         tok = processor(text=prompts, return_tensors="pt", padding=True)
-        img = model.get_image_features(pixel_values=pix["pixel_values"]).pooler_output
-        txt = model.get_text_features(**tok).pooler_output
+        img = model.get_image_features(pixel_values=pix["pixel_values"])
+        txt = model.get_text_features(**tok)
+    # transformers 5 returns a model output (the embedding is its pooler output), 4.x the tensor itself
+    img, txt = (getattr(out, "pooler_output", out) for out in (img, txt))
     want = max(float((100 * torch.nn.functional.cosine_similarity(img, txt)).mean()), 0.0)
     assert score == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert 0.0 <= score <= 100.0
@@ -275,3 +249,16 @@ def test_frechet_and_alignment_metric_are_the_profiles_two_metrics(monkeypatch):
     seen = {}
     monkeypatch.setattr(metrics, "inception_fid", lambda r, g: seen.setdefault("args", (r, g)) and 7.0)
     assert metrics.frechet_metric("paper")(real, fake) == 7.0 and seen["args"][0] is real
+
+
+def test_metrics_are_chosen_by_name_not_by_position(monkeypatch):
+    """A profile names its Fréchet and alignment metrics; the order of METRICS plays no part."""
+    assert set(metrics.PROFILE_METRICS) == set(PROFILES) and set(metrics.LABELS) == set(metrics.METRICS)
+    images = torch.zeros(2, 1, 8, 8)
+    fakes = {"align-first": lambda g, p, r: 1.0, "frechet-second": lambda g, p, r: 2.0}
+    monkeypatch.setattr(metrics, "METRICS", fakes)
+    chosen = metrics.ProfileMetrics(frechet="frechet-second", alignment="align-first")
+    monkeypatch.setitem(metrics.PROFILE_METRICS, "offline", chosen)
+    assert metrics.frechet_metric("offline")(images, images) == 2.0
+    assert metrics.alignment_metric("offline")(images, ["a", "b"]) == 1.0
+    assert metrics.evaluate(images, ["a", "b"], images, "offline") == {"frechet-second": 2.0, "align-first": 1.0}

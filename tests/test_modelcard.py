@@ -11,13 +11,12 @@ import torch
 from huggingface_hub import ModelCard
 
 import selora
-from selora.config import load_config
+from selora.config import is_offline_demo, load_config
+from selora.formats import FORMATS
 from selora.modelcard import (
-    CARD_FORMATS,
     SD15_LICENSE,
     AdapterSummary,
     card_path,
-    is_offline_demo,
     model_card,
     summarize,
     write_model_card,
@@ -93,7 +92,7 @@ def test_offline_run_card_says_it_is_an_offline_demo(tmp_path):
     assert not is_offline_demo(load_config(base={"model": "sd-v1-5", "dataset": "montgomery"}))
 
 
-@pytest.mark.parametrize("fmt", CARD_FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_has_a_card_that_loads(tmp_path, fmt):
     cfg = load_config("montgomery-paper")
     written = tmp_path / ("adapter.safetensors" if fmt == "kohya" else "export")

@@ -42,7 +42,7 @@ def _sha(path: Path | bytes) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.server.log.append(self.path)
         route = self.server.routes.get(self.path)
         if route is None:

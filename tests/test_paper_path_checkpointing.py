@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import RES, _cache, assets, tiny_config  # noqa: F401  (shared fixtures)
+from helpers.tiny_models import RES
+from helpers.tiny_runs import tiny_config
 from transformers import PreTrainedModel
 
 import selora.trainer
@@ -25,6 +26,8 @@ from selora.models import load_pipeline
 from selora.pipeline import add_adapters, enable_checkpointing
 from selora.rundir import read_records
 from selora.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 
 def transformers_4x_gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
@@ -57,7 +60,7 @@ def force_reentrant_without_input_grads(model) -> None:
     model.unet.enable_gradient_checkpointing()  # diffusers' own default: non-reentrant
 
 
-def adapter_gradients(assets, enable, method: str = "lora") -> dict[str, torch.Tensor | None]:  # noqa: F811
+def adapter_gradients(assets, enable, method: str = "lora") -> dict[str, torch.Tensor | None]:
     """``{trainable parameter: its gradient}`` after one checkpointed forward/backward."""
     pipe = load_pipeline(str(assets["model"]), torch.float32, "cpu")
     model = add_adapters(pipe, tiny_config(assets, method=method), total_steps=10)
@@ -75,7 +78,7 @@ def missing(grads: dict[str, torch.Tensor | None]) -> list[str]:
     return [n for n, g in grads.items() if g is None or not bool(torch.isfinite(g).all())]
 
 
-def test_every_adapter_gets_a_gradient_with_checkpointing(assets, transformers_api):  # noqa: F811
+def test_every_adapter_gets_a_gradient_with_checkpointing(assets, transformers_api):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", ".*checkpointing", FutureWarning)  # no deprecated checkpointing call
         grads = adapter_gradients(assets, enable_checkpointing)
@@ -87,7 +90,7 @@ def test_every_adapter_gets_a_gradient_with_checkpointing(assets, transformers_a
     assert lora_B and all(grads[n].abs().sum() > 0 for n in lora_B)  # a real signal, not just zeros
 
 
-def test_reentrant_checkpointing_without_input_grads_is_detected(assets):  # noqa: F811
+def test_reentrant_checkpointing_without_input_grads_is_detected(assets):
     """The checks above can fail: forced reentrant mode leaves the text-encoder adapters without gradient."""
     grads = adapter_gradients(assets, force_reentrant_without_input_grads)
     lost = missing(grads)
@@ -95,12 +98,12 @@ def test_reentrant_checkpointing_without_input_grads_is_detected(assets):  # noq
     assert {n for n in grads if n.startswith("text_encoder.")} <= set(lost)
 
 
-def test_reentrant_checkpointing_with_input_grads_works(assets):  # noqa: F811
+def test_reentrant_checkpointing_with_input_grads_works(assets):
     """enable_input_require_grads() is what rescues a reentrant checkpoint (transformers' own path)."""
     assert missing(adapter_gradients(assets, functools.partial(enable_checkpointing, use_reentrant=True))) == []
 
 
-def ratios_after_one_test(assets, tmp_path) -> dict[str, float]:  # noqa: F811
+def ratios_after_one_test(assets, tmp_path) -> dict[str, float]:
     cfg = tiny_config(assets, epochs=1, num_samples=0, interval=2, gradient_checkpointing=True)
     Trainer(cfg, tmp_path / "run", max_steps=2, progress=False).run()
     history = read_records(tmp_path / "run")["ranks"]
@@ -108,13 +111,13 @@ def ratios_after_one_test(assets, tmp_path) -> dict[str, float]:  # noqa: F811
     return history[1]["ratios"]
 
 
-def test_checkpointed_trainer_test_step_has_finite_ratios(assets, tmp_path, transformers_api):  # noqa: F811
+def test_checkpointed_trainer_test_step_has_finite_ratios(assets, tmp_path, transformers_api):
     ratios = ratios_after_one_test(assets, tmp_path)
     assert any(k.startswith("text_encoder.") for k in ratios) and any(k.startswith("unet.") for k in ratios)
     assert [k for k, v in ratios.items() if not math.isfinite(v)] == []
 
 
-def test_checkpointed_trainer_in_the_failure_mode_has_nan_ratios(assets, tmp_path, monkeypatch):  # noqa: F811
+def test_checkpointed_trainer_in_the_failure_mode_has_nan_ratios(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(selora.trainer, "enable_checkpointing", force_reentrant_without_input_grads)
     ratios = ratios_after_one_test(assets, tmp_path)
     bad = [k for k, v in ratios.items() if not math.isfinite(v)]

@@ -9,23 +9,25 @@ import warnings
 
 import pytest
 import torch
-from test_train import _cache, assets, tiny_config, tiny_overrides  # noqa: F401  (shared fixtures)
+from helpers.tiny_runs import tiny_config, tiny_overrides
 
 import selora.metrics
 from selora.config import ConfigError, load_config
 from selora.evaluate import markdown, metric_fn, run_experiment
-from selora.evaluation import default_metrics, metric_profile
+from selora.held_out import default_metrics, metric_profile
 from selora.models import load_pipeline
 from selora.train import main
 
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
-def cli_sets(assets, **extra) -> list[str]:  # noqa: F811
+
+def cli_sets(assets, **extra) -> list[str]:
     items = tiny_overrides(assets, epochs=1, batch_size=16, num_samples=0, **extra)
     return [a for item in items for a in ("--set", item)]
 
 
 # -- item 10: the profile line ----------------------------------------------------------------------
-def test_training_cli_prints_its_profile_on_stderr(assets, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_training_cli_prints_its_profile_on_stderr(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SELORA_THREADS", "1")
     args = ["--config", "montgomery-offline", "--max-steps", "1", "--no-progress", *cli_sets(assets, method="lora")]
     assert main(["--out", str(tmp_path / "a"), *args]) == 0
@@ -58,13 +60,13 @@ def fake_metrics(monkeypatch):
     return called
 
 
-def real_config(assets, tmp_path):  # noqa: F811
+def real_config(assets, tmp_path):
     """A run on real (Montgomery-layout) data with a local pipeline folder: FID / CLIP score."""
     return load_config("montgomery-offline", tiny_overrides(assets, dataset="montgomery"))
 
 
 @pytest.mark.parametrize("profile", ["offline", "paper"])
-def test_metrics_follow_the_run_config_not_the_profile(assets, tmp_path, monkeypatch, fake_metrics, profile):  # noqa: F811
+def test_metrics_follow_the_run_config_not_the_profile(assets, tmp_path, monkeypatch, fake_metrics, profile):
     monkeypatch.setenv("SELORA_PROFILE", profile)
     phantom, real = tiny_config(assets), real_config(assets, tmp_path)
     mini = load_config("montgomery-offline", tiny_overrides(assets, dataset="montgomery", model="mini-sd"))
@@ -80,7 +82,7 @@ def test_metrics_follow_the_run_config_not_the_profile(assets, tmp_path, monkeyp
     assert default_metrics(real) == {}
 
 
-def test_results_are_labelled_by_the_metrics_they_used(assets, tmp_path, monkeypatch, fake_metrics):  # noqa: F811
+def test_results_are_labelled_by_the_metrics_they_used(assets, tmp_path, monkeypatch, fake_metrics):
     """Phantom data on a GPU (paper profile): proxies, labelled as proxies; a real-data run in the
     offline profile cannot download FID / CLIP weights and is refused before any training."""
     monkeypatch.setenv("SELORA_PROFILE", "paper")
@@ -106,6 +108,6 @@ def test_loading_the_mini_sd_raises_no_torch_dtype_warning():
     assert pipe.unet.dtype == torch.float32
 
 
-def test_loading_in_half_precision_still_gives_half_weights(assets):  # noqa: F811
+def test_loading_in_half_precision_still_gives_half_weights(assets):
     pipe = load_pipeline(str(assets["model"]), torch.bfloat16, "cpu")
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.bfloat16

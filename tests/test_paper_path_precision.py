@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import RES, _cache, assets, tiny_config  # noqa: F401  (shared fixtures)
+from helpers.tiny_models import RES
+from helpers.tiny_runs import tiny_config
 from torch import nn
 
 from selora.methods import METHODS
@@ -23,11 +24,13 @@ from selora.pipeline import add_adapters
 from selora.rundir import read_records
 from selora.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("assets_cache")
+
 
 # -- item 2: float32 adapters under half-precision weights ----------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_half_precision_pipeline_trains_float32_adapters(assets, dtype, method):  # noqa: F811
+def test_half_precision_pipeline_trains_float32_adapters(assets, dtype, method):
     cfg = tiny_config(assets, method=method)
     pipe = load_pipeline(str(assets["model"]), dtype, "cpu")
     model = add_adapters(pipe, cfg, total_steps=10)
@@ -80,7 +83,8 @@ def spied_trainer(cfg, run, scale: float | None) -> tuple[Trainer, list]:
     """A trainer (GradScaler with ``scale`` on the CPU, or none) whose controller decisions are recorded."""
     trainer = Trainer(cfg, run, progress=False)
     if scale is not None:  # what mixed_precision="fp16" sets up on a GPU; fp32 weights here
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        trainer.step_fn.scaler = trainer.parts.scaler = scaler
     decisions, ctl = [], trainer.adapters.controller
     real_step = ctl.step
 
@@ -90,7 +94,7 @@ def spied_trainer(cfg, run, scale: float | None) -> tuple[Trainer, list]:
         return out
 
     ctl.step = step
-    trainer.ddp = Poisoned(trainer.model)
+    trainer.step_fn.forward = Poisoned(trainer.model)
     return trainer, decisions
 
 
@@ -105,13 +109,13 @@ def as_numbers(decisions: list) -> list:
         return "nan" if math.isnan(x) else x
 
     return [
-        [(d.name, d.rank_before, num(d.fi_orig), num(d.fi_exp), num(d.ratio), d.expanded) for d in ds]
+        [(d.name, d.rank_before, num(d.score.fi_orig), num(d.score.fi_exp), num(d.score.ratio), d.expanded) for d in ds]
         for ds in decisions
     ]
 
 
 @pytest.mark.parametrize("scale", [None, 2.0**10], ids=["no-scaler", "grad-scaler"])
-def test_skipped_step_before_the_test_leaves_no_stale_statistic(assets, tmp_path, scale):  # noqa: F811
+def test_skipped_step_before_the_test_leaves_no_stale_statistic(assets, tmp_path, scale):
     """Steps 1-2, then (armed for the test at step 3) a batch whose gradient is non-finite, then
     batch 3: the decisions equal those of a run that never saw the bad batch (the bad batch's
     noise draws are put back so both runs see the same batch 3)."""
@@ -122,16 +126,16 @@ def test_skipped_step_before_the_test_leaves_no_stale_statistic(assets, tmp_path
     for trainer in (clean, bad):
         assert trainer.train_step(idx[0]) is not None and trainer.train_step(idx[1]) is not None
     assert bad.adapters.controller.armed
-    state = bad.gen.get_state()
-    bad.ddp.on = True
+    state = bad.parts.generator.get_state()
+    bad.step_fn.forward.on = True
     if scale is None:
         with pytest.warns(RuntimeWarning, match="non-finite gradient"):
             assert bad.train_step(idx[3]) is None
     else:  # GradScaler: an "overflow"; it skips the step itself and halves the scale
         assert bad.train_step(idx[3]) is None
-        assert bad.scaler.get_scale() == scale / 2
-    bad.ddp.on = False
-    bad.gen.set_state(state)
+        assert bad.step_fn.scaler.get_scale() == scale / 2
+    bad.step_fn.forward.on = False
+    bad.parts.generator.set_state(state)
     assert bad.adapters.controller.armed, "the test step must still come"
     assert bad.train_step(idx[2]) is not None and clean.train_step(idx[2]) is not None
     assert len(clean_dec) == len(bad_dec) == 3 and clean_dec[2], "no expansion test at step 3"
@@ -141,7 +145,7 @@ def test_skipped_step_before_the_test_leaves_no_stale_statistic(assets, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loss_scale_is_divided_out_of_the_statistics(assets, tmp_path):  # noqa: F811
+def test_loss_scale_is_divided_out_of_the_statistics(assets, tmp_path):
     """A GradScaler-scaled backward (loss * 2^10) gives the FI values and ratios of the unscaled one."""
     cfg = tiny_config(assets, epochs=1, num_samples=0, interval=2)
     plain, plain_dec = spied_trainer(cfg, tmp_path / "plain", None)
@@ -150,5 +154,5 @@ def test_loss_scale_is_divided_out_of_the_statistics(assets, tmp_path):  # noqa:
         plain.train_step(i)
         scaled.train_step(i)
     tests = [ds for ds in plain_dec if ds]
-    assert len(tests) == 2 and all(d.fi_orig > 0 for d in tests[0])
+    assert len(tests) == 2 and all(d.score.fi_orig > 0 for d in tests[0])
     assert as_numbers(scaled_dec) == as_numbers(plain_dec)  # powers of two: exact

@@ -9,17 +9,19 @@ import shutil
 
 import pytest
 import torch
-from test_train import _cache, assets, tiny_config, tiny_overrides  # noqa: F401  (shared fixtures)
+from helpers.tiny_runs import tiny_config, tiny_overrides
 
-import selora.evaluation
+import selora.held_out
 from selora.config import ConfigError
 from selora.diffusion import noise_scheduler, training_batch
 from selora.models import load_pipeline
 from selora.train import main
 from selora.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
-def pipeline_with(assets, tmp_path, prediction_type: str):  # noqa: F811
+
+def pipeline_with(assets, tmp_path, prediction_type: str):
     """A copy of the tiny pipeline folder whose scheduler config says ``prediction_type``."""
     folder = tmp_path / f"tiny-{prediction_type}"
     shutil.copytree(assets["model"], folder)
@@ -33,7 +35,7 @@ def pipeline_with(assets, tmp_path, prediction_type: str):  # noqa: F811
 def expected_batch(trainer: Trainer, idx: torch.Tensor, seed: int):
     """Redo training_batch's draws (same order) and return ``(z0, noise, t)``."""
     g = torch.Generator().manual_seed(seed)
-    data, n = trainer.train, len(idx)
+    data, n = trainer.train_data, len(idx)
     shape = (n, *data.mean.shape[1:])
     eps_latent, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (n,), generator=g)
@@ -41,14 +43,14 @@ def expected_batch(trainer: Trainer, idx: torch.Tensor, seed: int):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_training_and_eval_targets_follow_the_prediction_type(assets, tmp_path, monkeypatch, prediction_type):  # noqa: F811
+def test_training_and_eval_targets_follow_the_prediction_type(assets, tmp_path, monkeypatch, prediction_type):
     folder = pipeline_with(assets, tmp_path, prediction_type)
     trainer = Trainer(tiny_config(assets, model=str(folder), epochs=1, num_samples=0), tmp_path / "run", progress=False)
     sched = trainer.noise_scheduler
     assert sched.config.prediction_type == prediction_type
     idx = torch.arange(4)
     noisy, t, _, target = training_batch(
-        trainer.train, idx, torch.Generator().manual_seed(5), sched, trainer.empty_ids, 0.0
+        trainer.train_data, idx, torch.Generator().manual_seed(5), sched, trainer.empty_ids, 0.0
     )
     z0, noise, t_want = expected_batch(trainer, idx, 5)
     assert torch.equal(t, t_want) and torch.equal(noisy, sched.add_noise(z0, noise, t))
@@ -58,15 +60,15 @@ def test_training_and_eval_targets_follow_the_prediction_type(assets, tmp_path, 
         assert not torch.allclose(target, noise)
     # the held-out loss scores the prediction against the same kind of target
     seen = []
-    real = selora.evaluation.per_sample_errors
+    real = selora.held_out.per_sample_errors
 
     def spy(pred, target):
         seen.append(target)
         return real(pred, target)
 
-    monkeypatch.setattr(selora.evaluation, "per_sample_errors", spy)
+    monkeypatch.setattr(selora.held_out, "per_sample_errors", spy)
     trainer.evaluator.eval_loss()
-    data, g = trainer.eval, torch.Generator().manual_seed(trainer.cfg.seed + 2)
+    data, g = trainer.eval_data, torch.Generator().manual_seed(trainer.cfg.seed + 2)
     eps_latent, noise = torch.randn(data.mean.shape, generator=g), torch.randn(data.mean.shape, generator=g)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(data),), generator=g)
     z0 = data.mean + data.std * eps_latent
@@ -75,7 +77,7 @@ def test_training_and_eval_targets_follow_the_prediction_type(assets, tmp_path, 
     assert trainer.train_step(idx) is not None  # and it trains
 
 
-def test_other_prediction_types_are_refused(assets, tmp_path, capsys):  # noqa: F811
+def test_other_prediction_types_are_refused(assets, tmp_path, capsys):
     folder = pipeline_with(assets, tmp_path, "sample")
     with pytest.raises(ConfigError, match=r"prediction_type='sample'.*'epsilon' or 'v_prediction'") as err:
         noise_scheduler(load_pipeline(str(folder), torch.float32, "cpu"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_report import mini_model  # noqa: F401  (shared fixture)
 from torch import nn
 
 from selora.core.inject import inject
@@ -69,7 +68,7 @@ def test_trainable_and_adapter_counts_on_a_small_model():
         trainable_counts(nn.Linear(2, 2), components=PARTS)
 
 
-def test_trainable_counts_agree_with_the_models_parameters(mini_model):  # noqa: F811
+def test_trainable_counts_agree_with_the_models_parameters(mini_model):
     counts = trainable_counts(mini_model, lora_rank=4)
     assert counts["total"]["selora"] == num_trainable(mini_model)  # rank 1 everywhere at the start
     assert counts["total"]["lora"] == 4 * counts["total"]["selora"]

@@ -19,6 +19,7 @@ from torch import nn
 
 import selora
 from selora.book import toy
+from selora.core.criteria import FIRatio
 
 PLANTED = (1, 2, 4, 6)
 D_IN, D_OUT, NORM, STEPS = 64, 8, 4.0, 1000
@@ -48,7 +49,7 @@ def train(kind: str, seed: int = 0) -> tuple[list[int], float]:
     model = Independent(bases)
     selora.inject(model, "all-linear", kind=kind, rank=1, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(selora.trainable_parameters(model), lr=1e-2)
-    ctl = selora.ExpansionController(model, opt, threshold=1.1, interval=40, generator=g) if kind == "selora" else None
+    ctl = selora.ExpansionController(model, opt, FIRatio(1.1), interval=40, generator=g) if kind == "selora" else None
     tail = []
     for step in range(STEPS):
         x = torch.randn(64, len(PLANTED), D_IN, generator=g)
@@ -91,6 +92,7 @@ def recovered(geometry: dict, seed: int, **kwargs) -> bool:
     return all(abs(r[-1] - p) <= 1 for r, p in zip(run.ranks.values(), planted))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_signal_test_recovers_planted_ranks_where_the_paper_rule_does_not(geometry):
     signal = sum(recovered(GEOMETRIES[geometry], s, **SIGNAL) for s in SEEDS)
@@ -99,6 +101,7 @@ def test_signal_test_recovers_planted_ranks_where_the_paper_rule_does_not(geomet
     assert paper < 0.9 * len(SEEDS), f"{geometry}: the paper's rule recovered {paper}/{len(SEEDS)} seeds"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
 def test_a_pure_noise_layer_expands_no_more_often_than_alpha(alpha):
     """20 tests per run (800 steps, t = 40) x 20 seeds: expansions at most the upper 0.1 % of Binomial(400, alpha)."""

@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 
 from selora import report
-from selora.config import load_config
 from selora.core.layers import lora_layers
-from selora.models import load_pipeline
-from selora.pipeline import add_adapters
 
 
 def test_loss_curves_drop_skipped_steps_and_keep_eval():
@@ -54,14 +51,6 @@ def test_rank_matrix_orders_layers_and_checks_them():
         report.rank_matrix([history[0], {"step": 10, "ranks": {"a": 2}}])
     with pytest.raises(ValueError, match="empty"):
         report.rank_matrix([])
-
-
-@pytest.fixture(scope="module")
-def mini_model():
-    """The shipped mini SD with SeLoRA adapters on every linear layer of both models (every kind of layer)."""
-    cfg = load_config("montgomery-offline", ["unet_targets=all-linear", "text_encoder_targets=all-linear"])
-    pipe = load_pipeline("mini-sd", device="cpu")
-    return add_adapters(pipe, cfg, total_steps=1)
 
 
 def test_layer_names_and_kinds_cover_the_real_model(mini_model):

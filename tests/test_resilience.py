@@ -2,7 +2,6 @@
 disk that leaves the previous checkpoint intact, ``--max-steps`` ending a run like its last epoch
 (and a larger one continuing it), and SIGKILL at many points resumed to the uninterrupted run, bitwise."""
 
-# ruff: noqa: F811  (the fixture `assets`, imported from test_train, is each test's argument)
 from __future__ import annotations
 
 import errno
@@ -17,15 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_runs import REPO, tiny_config, tiny_overrides, train_losses
 from safetensors.torch import load_file
-from test_train import REPO, _cache, assets, tiny_config, tiny_overrides, train_losses  # noqa: F401  (fixtures)
 
 import selora.checkpoint as checkpoint
+import selora.rundir
 from selora.checkpoint import CheckpointWriteError, read_checkpoint, write_failure
 from selora.config import ConfigError, load_config
 from selora.rundir import read_records
 from selora.train import main
 from selora.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def _one_thread(monkeypatch):
     monkeypatch.setenv("SELORA_THREADS", "1")  # main() sets the thread count; runs compared bitwise need the same
 
 
-def config(assets, **extra):  # noqa: F811
+def config(assets, **extra):
     return tiny_config(assets, **{"epochs": 1, "num_samples": 0, "checkpoint_every": 3, **extra})
 
 
@@ -103,7 +105,7 @@ def test_each_bad_file_is_named_and_passed_over(assets, tmp_path, capsys, damage
     trainer = Trainer(load_config(run / "config.yaml"), run, resume=True, max_steps=4, progress=False)
     (line,) = warnings_in(capsys.readouterr().err)
     assert line.startswith(f"warning: {named}") and line.endswith("(step 3)"), line
-    assert trainer.at.step == 3 and state(run)["step"] == 3 and not (run / "checkpoints" / "previous").exists()
+    assert trainer.state.step == 3 and state(run)["step"] == 3 and not (run / "checkpoints" / "previous").exists()
     assert len(read_records(run)["train"]) == 3  # the records cut back to previous's
 
 
@@ -184,6 +186,58 @@ def test_cli_full_disk_exits_1_with_one_line(assets, tmp_path, monkeypatch, caps
     assert re.fullmatch(expected, lines[0]), lines
 
 
+def half_then_full(monkeypatch, name: str) -> None:
+    """``os.write`` as the kernel does it on a disk that fills up: to a file called ``name``, half
+    of the first write lands, then ENOSPC; other files are written normally."""
+    real = os.write
+
+    def write(fd, data):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name != name:
+            return real(fd, data)
+        if len(data) > 1:
+            return real(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_full_disk_while_appending_a_record_loses_nothing(tmp_path, monkeypatch):
+    """No half line is left behind: the records before it read back as they were."""
+    path = tmp_path / "metrics.jsonl"
+    selora.rundir.append_record(path, {"kind": "train", "step": 1})
+    before = path.read_bytes()
+    half_then_full(monkeypatch, "metrics.jsonl")
+    with pytest.raises(CheckpointWriteError) as info:
+        selora.rundir.append_record(path, {"kind": "train", "step": 2, "loss": 0.5})
+    assert str(info.value) == f"no space left on device while writing {path}"
+    assert info.value.errno == errno.ENOSPC and path.read_bytes() == before
+
+
+def test_full_disk_while_logging_stops_training_with_one_line(assets, tmp_path, monkeypatch, capsys):
+    """A record that cannot be written ends the run with exit status 1 and one line naming the file;
+    the run resumes from its checkpoint to the uninterrupted run's records."""
+    full, out = tmp_path / "full", tmp_path / "out"
+    sets = [a for item in tiny_overrides(assets, epochs=1, num_samples=0, checkpoint_every=3) for a in ("--set", item)]
+    assert main(["--config", "montgomery-offline", "--out", str(full), *sets, "--max-steps", "7", "--no-progress"]) == 0
+    real, seen = os.write, []
+
+    def write(fd, data):  # the 5th record of metrics.jsonl finds the disk full
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name == "metrics.jsonl":
+            seen.append(data)
+            if len(seen) == 5:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    capsys.readouterr()
+    code = main(["--config", "montgomery-offline", "--out", str(out), *sets, "--max-steps", "7", "--no-progress"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert code == 1 and lines == [f"error: no space left on device while writing {out / 'metrics.jsonl'}"], lines
+    monkeypatch.setattr(os, "write", real)
+    assert resume(out, "--max-steps", "7") == 0
+    assert (out / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+
+
 # -- --max-steps ends a run; a larger one continues it -------------------------------------------------
 def test_max_steps_ends_like_a_finished_run_and_a_larger_one_continues(assets, tmp_path, capsys):
     cfg = config(assets)
@@ -254,7 +308,7 @@ def test_continuing_past_a_max_steps_end_drops_its_final_adapters(assets, tmp_pa
 DRIVER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-import selora.checkpoint, selora.checkpointing, selora.rundir
+import selora.checkpoint, selora.rundir, selora.run_state
 from selora.train import main
 
 ref, run, sets, plan = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
@@ -294,7 +348,7 @@ for i, (kind, n) in enumerate(plan):
         elif kind == "eval":
             after(selora.rundir, "append_record", n, lambda p, r: r.get("kind") == "eval")
         elif kind == "final":
-            after(selora.checkpointing, "atomic_save_safetensors", n)
+            after(selora.run_state, "atomic_save_safetensors", n)
         code = main(argv)
         sys.stdout.flush(); sys.stderr.flush()
         os._exit(code)

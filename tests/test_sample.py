@@ -7,14 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_runs import tiny_overrides
 from PIL import Image
-from test_train import _cache, assets, tiny_overrides  # noqa: F401  (shared fixtures)
 
 from selora.config import load_config
 from selora.models import load_pipeline
 from selora.rundir import load_run
 from selora.sample import generate, main, read_prompts
 from selora.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 PROMPTS = [
     "male, 40 years: normal",
@@ -24,7 +26,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def run(assets, tmp_path_factory):  # noqa: F811
+def run(assets, tmp_path_factory):
     """A short SeLoRA run (6 steps, large lr so the adapters matter) with its checkpoint only."""
     out = tmp_path_factory.mktemp("sample") / "run"
     cfg = load_config("montgomery-offline", tiny_overrides(assets, num_samples=0, lr=0.05))

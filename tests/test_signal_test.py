@@ -12,6 +12,7 @@ from torch import nn
 
 import selora
 from selora.config import ConfigError, TrainConfig
+from selora.core.criteria import FIRatio, SignalTest
 from selora.core.expansion import ExpansionController
 from selora.core.layers import SeLoRALinear
 from selora.core.signal import (
@@ -116,7 +117,7 @@ def model_and_data(seed: int = 0):
 
 
 def decide(model, x, y, candidates, reduce=None) -> list:
-    ctl = ExpansionController(model, None, interval=1, max_rank=2, criterion="signal", reduce=reduce)
+    ctl = ExpansionController(model, None, SignalTest(alpha=0.001), interval=1, max_rank=2, reduce=reduce)
     ctl._rearm(candidates)
     ((model(x) - y) ** 2).mean().backward()
     decisions = ctl.step()
@@ -139,10 +140,12 @@ def test_reduce_over_two_halves_equals_the_whole_batch():
     halves = decide(model, x[:6], y[:6], K, reduce=lambda t: t + seen[0])
     alone = decide(model, x[:6], y[:6], K)
     for w, h, a in zip(whole, halves, alone):
-        assert math.isclose(h.signal, w.signal, rel_tol=1e-5) and math.isclose(h.fi_orig, w.fi_orig, rel_tol=1e-5)
+        h, w, a = h.score, w.score, a.score
+        assert math.isclose(h.signal.statistic, w.signal.statistic, rel_tol=1e-5)
+        assert math.isclose(h.fisher.fi_orig, w.fisher.fi_orig, rel_tol=1e-5)
         # nu is estimated from pairs within each process: an unbiased estimate, not the whole batch's
-        assert math.isclose(h.p_value, noise_sf(h.signal, h.dof, 12), rel_tol=1e-9)
-        assert not math.isclose(a.signal, w.signal, rel_tol=1e-3), "half a batch should give another statistic"
+        assert math.isclose(h.signal.p_value, noise_sf(h.signal.statistic, h.signal.dof, 12), rel_tol=1e-9)
+        assert not math.isclose(a.signal.statistic, w.signal.statistic, rel_tol=1e-3), "half a batch: another R"
 
 
 def test_signal_criterion_keeps_the_fisher_values_and_records_the_test():
@@ -155,14 +158,16 @@ def test_signal_criterion_keeps_the_fisher_values_and_records_the_test():
     ((model(x) - y) ** 2).mean().backward()
     plain = fisher.step()
     for s, f in zip(signal, plain):
-        assert (s.fi_orig, s.fi_exp, s.ratio) == (f.fi_orig, f.fi_exp, f.ratio)
-        assert math.isnan(f.signal) and s.signal > 0 and 0 < s.p_value <= 1 and 1 <= s.dof <= 5
+        assert s.score.fisher == f.score, "the signal test keeps the paper's FI values of the same capture"
+        assert not hasattr(f.score, "signal"), "the paper's criterion produces no signal fields"
+        test = s.score.signal
+        assert test.statistic > 0 and 0 < test.p_value <= 1 and 1 <= test.dof <= 5
 
 
 def test_window_captures_the_last_steps_with_one_candidate():
     model, x, y = model_and_data(2)
     opt = torch.optim.SGD(selora.trainable_parameters(model), lr=0.01)
-    ctl = ExpansionController(model, opt, interval=5, criterion="signal", window=3, alpha=0.5)
+    ctl = ExpansionController(model, opt, SignalTest(alpha=0.5, window=3), interval=5)
     armed, Ks = [], []
     for step in range(1, 11):
         armed.append(ctl.armed)
@@ -179,13 +184,18 @@ def test_window_captures_the_last_steps_with_one_candidate():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"criterion": "magic"}, "criterion"), ({"alpha": 0.0}, "alpha"), ({"window": 41}, "window")],
+    ("make", "error", "message"),
+    [
+        (lambda: "signal", TypeError, "criterion: expected a selora.core.criteria.Criterion"),
+        (lambda: SignalTest(alpha=0.0), ValueError, "alpha"),
+        (lambda: SignalTest(alpha=0.01, window=0), ValueError, "window"),
+        (lambda: SignalTest(alpha=0.01, window=41), ValueError, "window: expected at most interval=40"),
+    ],
 )
-def test_controller_rejects_bad_settings(kwargs, message):
+def test_controller_rejects_bad_settings(make, error, message):
     layer = SeLoRALinear(nn.Linear(4, 3), rank=1)
-    with pytest.raises(ValueError, match=message):
-        ExpansionController([layer], None, **kwargs)
+    with pytest.raises(error, match=message):
+        ExpansionController([layer], None, make())
 
 
 def test_config_options():
@@ -209,4 +219,5 @@ def test_the_paper_rule_ignores_the_signal_window():
         cfg = TrainConfig(interval=5, criterion=criterion, signal_window=5 if criterion == "signal" else 10)
         adapters = SeLoRAAdapters.from_config(model, "all-linear", cfg, 10, torch.Generator().manual_seed(0))
         adapters.attach(torch.optim.SGD(selora.trainable_parameters(model), lr=0.1))
-        assert (adapters.controller.criterion, adapters.controller.window) == (criterion, window)
+        expected = FIRatio(cfg.threshold) if criterion == "fi-ratio" else SignalTest(cfg.signal_alpha, window)
+        assert adapters.controller.criterion == expected and adapters.controller.criterion.window == window

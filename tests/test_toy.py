@@ -91,15 +91,15 @@ def test_score_once_matches_a_per_sample_loop_and_changes_nothing():
     layer = _tiny_selora()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     A0, B0 = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
-    decisions, K = toy.score_once(layer, x, y, generator=torch.Generator().manual_seed(0))
+    scores, K = toy.score_once(layer, x, y, generator=torch.Generator().manual_seed(0))
     naive = 0.0
     for i in range(6):
         layer.zero_grad()
         ((layer(x[i : i + 1]) - y[i : i + 1]) ** 2).mean().backward()
         naive += (layer.lora_A.grad**2).sum().item() + (layer.lora_B.grad**2).sum().item()
-    d = decisions[""]
+    d = scores[""]
     assert d.fi_orig == pytest.approx(naive / 6, rel=1e-9)
-    assert d.fi_exp >= d.fi_orig and not d.expanded and K[""].shape == (1, 5)
+    assert d.fi_exp >= d.fi_orig and d.ratio == d.fi_exp / d.fi_orig and K[""].shape == (1, 5)
     assert layer.rank == 2 and torch.equal(layer.lora_A, A0) and torch.equal(layer.lora_B, B0)
     assert layer._capture is None
 

@@ -12,127 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import RES
+from helpers.tiny_runs import REPO, tiny_config, tiny_overrides, train_losses
 from PIL import Image
 from safetensors.torch import load_file
 
 from selora.config import load_config
 from selora.data.montgomery import scan, split_indices
-from selora.data.phantom import make_phantom_set
 from selora.rundir import read_records
 from selora.train import main
 from selora.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
-RES = 16  # image side; the tiny VAE makes 8 x 8 latents
-
-
-def make_tiny_pipeline(folder: Path) -> Path:
-    """Save a random-init StableDiffusionPipeline (SD v1.5 module types at toy size) to ``folder``."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from selora.models import sd15_scheduler_config
-    from selora.tokenizer import load_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=RES // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        attention_head_dim=2,
-        cross_attention_dim=16,
-        use_linear_projection=True,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RES,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=16,
-            intermediate_size=32,
-            projection_dim=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=load_clip_tokenizer("offline"),
-        unet=unet,
-        scheduler=PNDMScheduler(**sd15_scheduler_config(), skip_prk_steps=True),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """A tiny pipeline folder, a 48x60 phantom Montgomery set and a shared cache folder."""
-    base = tmp_path_factory.getbasetemp() / "train-assets"  # shared by the test modules that import this
-    cache = base / "cache"
-    os.environ["SELORA_CACHE"] = str(cache)  # the tokenizer files land here too
-    if not (base / "phantom" / "MontgomerySet").is_dir():
-        make_phantom_set(base / "phantom", seed=0, size=(48, 60))
-    if not (base / "tiny-sd" / "model_index.json").is_file():
-        make_tiny_pipeline(base / "tiny-sd")
-    return {"model": base / "tiny-sd", "data": base / "phantom", "cache": cache}
-
-
-@pytest.fixture(autouse=True)
-def _cache(assets, monkeypatch):
-    monkeypatch.setenv("SELORA_CACHE", str(assets["cache"]))
-
-
-def tiny_overrides(assets: dict[str, Path], **extra) -> list[str]:
-    """--set items for a fast run: tiny model, small phantom set, 16 px, batch 4, test every 3 steps."""
-    values = {
-        "model": str(assets["model"]),
-        "dataset": "montgomery-phantom",
-        "data_root": str(assets["data"]),
-        "resolution": RES,
-        "batch_size": 4,
-        "epochs": 2,
-        "interval": 3,
-        "threshold": 1.0001,
-        "lr": 1e-2,
-        "num_samples": 2,
-        "sample_steps": 2,
-        "eval_every": 1,
-        "prompt_dropout": 0.2,
-        "max_grad_norm": 1.0,
-    }
-    values.update(extra)
-    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
-
-
-def tiny_config(assets, **extra):
-    return load_config("montgomery-offline", tiny_overrides(assets, **extra))
-
-
-def train_losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_records(run)["train"]]
+pytestmark = pytest.mark.usefixtures("assets_cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +66,7 @@ def test_run_directory_contents_and_rank_growth(assets, tmp_path, monkeypatch):
     assert best["eval_loss"] == min(e["eval_loss"] for e in evals)
     assert (run / "samples" / "epoch-001.png").is_file() and (run / "samples" / "epoch-002.png").is_file()
     assert Image.open(run / "samples" / "real.png").size == Image.open(run / "samples" / "epoch-001.png").size
-    assert load_config(run / "config.yaml").values == tiny_config(assets).values
+    assert load_config(run / "config.yaml").to_dict() == tiny_config(assets).to_dict()
 
 
 def test_lora_method_keeps_its_rank(assets, tmp_path):
@@ -209,30 +100,49 @@ def test_resume_after_expansion_is_bitwise_identical(assets, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam moments, RNG, K
 
 
+def poisoned(trainer: Trainer, batches: set[int]) -> Trainer:
+    """``trainer`` with a test callback on its training step: the loss of these batches (1-based
+    count of batches drawn, skipped ones included) is NaN."""
+
+    def nan_loss(step) -> None:
+        if trainer.state.attempt in batches:
+            step.loss = step.loss * float("nan")
+
+    trainer.step_fn.add_callback("on_loss", nan_loss)
+    return trainer
+
+
 def test_non_finite_loss_is_skipped_then_stops(assets, tmp_path):
     run = tmp_path / "run"
     # one NaN batch: a warning, the step is skipped, training goes on
-    cfg = tiny_config(assets, epochs=1, num_samples=0, debug_nan_steps=[2])
+    cfg = tiny_config(assets, epochs=1, num_samples=0)
     with pytest.warns(RuntimeWarning, match="batch 2: non-finite loss"):
-        Trainer(cfg, run, max_steps=3, progress=False).run()
+        poisoned(Trainer(cfg, run, max_steps=3, progress=False), {2}).run()
     records = read_records(run)["train"]
     assert records[1]["skipped"] == "non-finite loss" and records[1]["loss"] is None
     assert records[2]["step"] == 2 and records[2]["batch"] == 3
     # three in a row: stop with a clear error, the checkpoint of step 4 stays as it was
     run2 = tmp_path / "run2"
-    cfg = tiny_config(assets, epochs=1, num_samples=0, checkpoint_every=4, debug_nan_steps=[6, 7, 8], max_bad_steps=3)
+    cfg = tiny_config(assets, epochs=1, num_samples=0, checkpoint_every=4, max_bad_steps=3)
     with pytest.warns(RuntimeWarning):
         with pytest.raises(RuntimeError, match=r"non-finite loss in 3 consecutive steps \(batches 6-8\)"):
-            Trainer(cfg, run2, progress=False).run()
+            poisoned(Trainer(cfg, run2, progress=False), {6, 7, 8}).run()
     state = json.loads((run2 / "checkpoints" / "last" / "state.json").read_text())
     assert state["step"] == 4 and state["bad"] == 0
     saved = load_file(str(run2 / "checkpoints" / "last" / "adapters.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
-    # and the intact checkpoint resumes (the NaN hook removed)
-    summary = Trainer(
-        load_config(run2 / "config.yaml", ["debug_nan_steps=[]"]), run2, resume=True, max_steps=6, progress=False
-    ).run()
+    # and the intact checkpoint resumes (without the callback)
+    summary = Trainer(load_config(run2 / "config.yaml"), run2, resume=True, max_steps=6, progress=False).run()
     assert summary["step"] == 6
+
+
+def test_a_run_folder_of_an_earlier_version_resumes(assets, tmp_path):
+    """Run folders hold ``debug_nan_steps: []`` in config.yaml from when it was a key; they still load."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(assets, epochs=1, num_samples=0), run, max_steps=2, progress=False).run()
+    with open(run / "config.yaml", "a", encoding="utf-8") as fh:
+        fh.write("debug_nan_steps: []\n")
+    assert Trainer(load_config(run / "config.yaml"), run, resume=True, max_steps=3, progress=False).run()["step"] == 3
 
 
 def test_gradient_checkpointing_gives_the_same_run(assets, tmp_path):

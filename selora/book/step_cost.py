@@ -1,7 +1,7 @@
 """What scoring an expansion costs: a plain training step, a SeLoRA test step whose Fisher statistics
 come from the step's own backward (:mod:`selora.core.fisher`), and a step with the extra forward/backward
-pass that the authors' code runs to score (chapter 4). Each is measured two ways: matrix-product
-FLOPs counted by torch's ``FlopCounterMode`` (exact, the same on every machine) and wall-clock time
+pass that the authors' code runs to score (the book's page "The cost of the test"). Each is measured two
+ways: matrix-product FLOPs counted by torch's ``FlopCounterMode`` (exact, the same on every machine) and wall-clock time
 (this machine, its load; ``benchmarks/core.py`` measures time ratios at SD v1.5's widths).
 """
 
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from selora.core.expansion import ExpansionController
+from selora.train_step import TrainStep, squared_error
 
 __all__ = ["SCORING_MODES", "StepCost", "scoring_costs"]
 
@@ -33,16 +34,20 @@ class StepCost:
     seconds: list[float] = field(default_factory=list)
 
 
-def _mse_step(
-    model: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, mode: str, ctl: ExpansionController | None
-) -> None:
-    """Forward, backward (twice for the extra-pass mode), ``optimizer.step()``, ``ctl.step()``, zero_grad."""
-    for _ in range(2 if mode == EXTRA_PASS else 1):
-        ((model(x) - y) ** 2).mean().backward()
-    optimizer.step()
-    if ctl is not None:
-        ctl.step()
-    optimizer.zero_grad(set_to_none=True)
+def _extra_pass(step: TrainStep) -> None:
+    """The authors' scoring pass: one more forward/backward of the step's batch."""
+    squared_error(step.forward, step.batch).backward()
+
+
+def _build_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, mode: str, ctl: ExpansionController | None
+) -> TrainStep:
+    """The trainer's step (:class:`selora.train_step.TrainStep`) on the MSE: forward, backward (and the
+    extra pass in that mode), ``optimizer.step()``, ``ctl.step()``, zero_grad."""
+    step = TrainStep(model, optimizer, squared_error, controller=ctl)
+    if mode == EXTRA_PASS:
+        step.add_callback("on_backward", _extra_pass)
+    return step
 
 
 def scoring_costs(
@@ -74,13 +79,14 @@ def scoring_costs(
     for round_ in range(rounds):
         for mode, cost in costs.items():
             ctl = ExpansionController(model, optimizer, interval=1, max_rank=1) if mode == TEST else None
+            step = _build_step(model, optimizer, mode, ctl)
             if round_ == 0:
                 with FlopCounterMode(display=False) as counter:
-                    _mse_step(model, x, y, optimizer, mode, ctl)
+                    step((x, y), 0)
                 cost.flops = counter.get_total_flops()
             for i in range(warmup + steps):
                 start = time.perf_counter()
-                _mse_step(model, x, y, optimizer, mode, ctl)
+                step((x, y), 0)
                 if i >= warmup:
                     cost.seconds.append(time.perf_counter() - start)
             if ctl is not None:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
+
+from selora.core.criteria import LAMBDA, FIRatio, FisherScore, criterion_from_config
+from selora.core.expansion import INTERVAL, ExpansionController
 
 __all__ = [
     "PlantedTask",
@@ -173,10 +177,13 @@ def train(
     """Minimise the MSE of ``model(x)`` against ``y`` for ``steps`` steps.
 
     x: (N, in), y: (N, out). Minibatches of ``batch_size`` rows are drawn with a generator seeded
-    by ``seed`` (full batch when None). The loop is the one the controller expects:
-    ``loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()``.
-    ``on_step(step, model)`` runs after every step (step counts from 1).
+    by ``seed`` (full batch when None). Each step is the trainer's (:class:`selora.train_step.TrainStep`:
+    ``loss.backward(); optimizer.step(); controller.step(); optimizer.zero_grad()``, a non-finite
+    step skipped). ``on_step(step, model)`` runs after every step (step counts from 1).
     """
+    from selora.train_step import TrainStep, squared_error
+
+    train_step = TrainStep(model, optimizer, squared_error, controller=controller)
     g = torch.Generator().manual_seed(seed)
     log = TrainLog()
     for step in range(1, steps + 1):
@@ -185,15 +192,10 @@ def train(
         else:
             idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
             xb, yb = x[idx], y[idx]
-        loss = ((model(xb) - yb) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        if controller is not None:
-            decisions = controller.step()
-            if decisions:
-                log.decisions.append((step, decisions))
-        optimizer.zero_grad()
-        log.losses.append(float(loss.detach()))
+        result = train_step((xb, yb), step - 1)
+        if result.decisions:
+            log.decisions.append((step, result.decisions))
+        log.losses.append(float(result.loss))
         if on_step is not None:
             on_step(step, model)
     return log
@@ -219,27 +221,13 @@ def sd15_linear_shapes(component: str = "unet") -> LinearShapes:
     ``"text-encoder"`` (CLIP ViT-L/14 text model). The models are built on the meta device from
     their configs: no weights, no download, no memory.
     """
+    from selora.sd15 import sd15_text_encoder, sd15_unet
+
+    builders = {"unet": sd15_unet, "text-encoder": sd15_text_encoder}
+    if component not in builders:
+        raise ValueError(f"component={component!r}: expected 'unet' or 'text-encoder'")
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
-
-            model = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        elif component == "text-encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            model = CLIPTextModel(
-                CLIPTextConfig(
-                    hidden_size=768,
-                    intermediate_size=3072,
-                    num_hidden_layers=12,
-                    num_attention_heads=12,
-                    max_position_embeddings=77,
-                    projection_dim=768,
-                    hidden_act="quick_gelu",
-                )
-            )
-        else:
-            raise ValueError(f"component={component!r}: expected 'unet' or 'text-encoder'")
+        model = builders[component]()
     return LinearShapes(
         [(n, m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)],
         sum(p.numel() for p in model.parameters()),
@@ -248,25 +236,24 @@ def sd15_linear_shapes(component: str = "unet") -> LinearShapes:
 
 def score_once(
     model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
-) -> tuple[dict[str, object], dict[str, Tensor]]:
-    """Score every SeLoRA layer of ``model`` on one batch, without expanding anything.
+) -> tuple[dict[str, FisherScore], dict[str, Tensor]]:
+    """Score every SeLoRA layer of ``model`` on one batch with the paper's FI-Ratio, without expanding anything.
 
     Runs one forward/backward of the MSE of ``model(x)`` against ``y`` (x: (N, ...), y: (N, ...))
     under an :class:`selora.ExpansionController` that tests on its first step and may not grow
-    (``max_rank=1``). Returns ``({name: Decision}, {name: the candidate K (1, in) it scored})``;
+    (``max_rank=1``). Returns ``({name: FisherScore (fi_orig, fi_exp, ratio)}, {name: the candidate K (1, in)
+    it scored})``;
     gradients are cleared afterwards and the model is left as it was.
     """
-    from selora.core.expansion import ExpansionController
-
-    ctl = ExpansionController(model, None, threshold=1.0, interval=1, max_rank=1, generator=generator)
+    ctl = ExpansionController(model, None, FIRatio(1.0), interval=1, max_rank=1, generator=generator)
     try:
         candidates = {name: c.K.detach().clone() for name, c in ctl.captures.items()}
         ((model(x) - y) ** 2).mean().backward()
-        decisions = {d.name: d for d in ctl.step()}
+        scores = {d.name: d.score for d in ctl.step()}
     finally:
         ctl.close()
         model.zero_grad(set_to_none=True)
-    return decisions, candidates
+    return scores, candidates
 
 
 @dataclass
@@ -290,8 +277,8 @@ def planted_run(
     *,
     kind: str = "selora",
     rank: int | Sequence[int] = 1,
-    threshold: float = 1.1,
-    interval: int = 40,
+    threshold: float = LAMBDA,
+    interval: int = INTERVAL,
     max_rank: int | None = None,
     steps: int = 1200,
     width: int = 32,
@@ -302,28 +289,29 @@ def planted_run(
     seed: int = 0,
     init: Callable[[nn.Module], Callable] | None = None,
     out_width: int | None = None,
-    criterion: str = "fi-ratio",
+    criterion: str = FIRatio.name,
     alpha: float = 0.001,
     window: int = 1,
 ) -> PlantedRun:
     """Train adapters on a :func:`planted_stack` with planted ranks ``planted`` (layers ``width -> out_width``).
 
     ``kind="selora"``: every layer starts at rank ``rank`` and an ExpansionController
-    (``threshold``, ``interval``, ``max_rank``, ``criterion``, ``alpha``, ``window``) grows it.
+    (``interval``, ``max_rank``) grows it by ``criterion`` (a name in :data:`selora.core.criteria.CRITERIA`:
+    ``threshold`` for the paper's, ``alpha`` and ``window`` for the signal test).
     ``kind="lora"``: fixed ranks, ``rank`` an int or one rank per layer. ``init(layer)`` may return
     a row initialiser for K (``selora.core.layers.RowInit``) to install on each SeLoRA layer. Adam, MSE, minibatches.
     """
-    from selora.core.expansion import ExpansionController
-    from selora.core.layers import LoRALinear, SeLoRALinear, num_trainable, trainable_parameters
+    from selora.core.inject import KINDS
+    from selora.core.layers import SeLoRALinear, num_trainable, trainable_parameters
 
-    if kind not in ("selora", "lora"):
-        raise ValueError(f"kind={kind!r}: expected 'selora' or 'lora'")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     model, x, y, _ = planted_stack(planted, width, n, noise=noise, seed=seed, out_width=out_width)
     per_layer = [rank] * len(planted) if isinstance(rank, int) else list(rank)
     if len(per_layer) != len(planted):
         raise ValueError(f"rank: expected {len(planted)} ranks, got {len(per_layer)}")
     gen = torch.Generator().manual_seed(seed)
-    cls = SeLoRALinear if kind == "selora" else LoRALinear
+    cls = KINDS[kind]
     layers = {name: cls(getattr(model, name), rank=r, generator=gen) for name, r in zip(model.names, per_layer)}
     for name, layer in layers.items():
         setattr(model, name, layer)
@@ -332,17 +320,17 @@ def planted_run(
             layer.init = init(layer)
     opt = torch.optim.Adam(trainable_parameters(model), lr=lr)
     ctl = None
-    if kind == "selora":
+    if issubclass(cls, SeLoRALinear):
+        settings = SimpleNamespace(
+            criterion=criterion, threshold=threshold, interval=interval, signal_alpha=alpha, signal_window=window
+        )
         ctl = ExpansionController(
             model,
             opt,
-            threshold=threshold,
+            criterion_from_config(settings),
             interval=interval,
             max_rank=max_rank,
             generator=torch.Generator().manual_seed(seed + 1),
-            criterion=criterion,
-            alpha=alpha,
-            window=window,
         )
     test_steps, ranks = [0], {name: [layer.rank] for name, layer in layers.items()}
 

@@ -1,4 +1,4 @@
-"""The expansion controller: Algorithm 1 of the paper with hook-captured per-sample Fisher.
+"""The expansion controller: Algorithm 1 of the paper with hook-captured per-sample statistics.
 
 Training loop contract::
 
@@ -7,63 +7,55 @@ Training loop contract::
     # a skipped step (non-finite loss or gradient): optimizer.zero_grad(); ctl.discard()
     # a GradScaler: scaler.scale(loss).backward(); ...; ctl.step(grad_scale=the scale of that backward)
 
-Every ``interval``-th ``step()`` is a test step. At the end of the step before it (at construction
-when ``interval == 1``) the controller ARMS every SeLoRA layer and draws its candidate rows K;
-the test step's forward/backward then captures exact per-sample statistics (:mod:`selora.core.fisher`)
-at the parameters of that backward — no extra pass, no call of the model. ``step()`` on the test
-step scores each layer (Eq. 3-5), expands where FI_exp / FI_orig >= threshold and
-rank < max_rank (``criterion="fi-ratio"``, the paper's rule), or where the new column's mean
-per-sample gradient stands above sampling noise at level ``alpha`` (``criterion="signal"``, this
-book's test: :mod:`selora.core.signal`), installing the K that was scored (Eq. 2), disarms, and swaps the grown
-parameters into the optimizer (:mod:`selora.core.optim`). Unarmed layers pay one ``is None`` check.
-A step that is skipped calls ``discard()`` instead of ``step()``: what its backward captured is
-dropped and the next forward/backward is captured afresh for the same test (same K).
+Every ``interval``-th ``step()`` is a test step. Before the last ``criterion.window`` steps of each
+interval (at construction when they start at the first step) the controller ARMS every SeLoRA layer
+and draws its candidate rows K; those steps' forward/backward passes then capture exact per-sample
+statistics (:mod:`selora.core.fisher`) at the parameters of each backward — no extra pass, no call
+of the model. ``step()`` on the test step has the expansion criterion (:mod:`selora.core.criteria`:
+the paper's FI-Ratio, Eq. 3-5, or this book's signal test) score every layer, expands the layers
+that pass and are below their rank cap by the K that was scored (Eq. 2), disarms, and swaps the
+grown parameters into the optimizer (:mod:`selora.core.optim`). Unarmed layers pay one ``is None``
+check. A step that is skipped calls ``discard()`` instead of ``step()``: what its backward captured
+is dropped and the next forward/backward is captured afresh for the same test (same K).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from selora.core.fisher import LOSS_REDUCTIONS, LayerCapture, fi_ratio, fi_scores
+from selora.core.criteria import Criterion, FIRatio, Reduce, Score
+from selora.core.fisher import LOSS_REDUCTIONS, LayerCapture
 from selora.core.layers import SeLoRALinear, lora_layers
 from selora.core.optim import check_supported, replace_parameters
-from selora.core.signal import SIGNAL_SCALARS, SignalScore, signal_score
 
-#: ``reduce(stats) -> stats``, an elementwise SUM (e.g. an all-reduce across DDP ranks). The
-#: fi-ratio criterion passes a ``(layers, 3)`` table of [sum of squared per-sample gradient norms
-#: (A, B), same for the new B columns, sample count]; the signal criterion one flat vector: that
-#: table, then each layer's :func:`selora.core.signal.signal_row` (summed before any square is taken).
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-#: The expansion tests: the paper's FI-Ratio (Eq. 5) and this book's signal test (selora.core.signal).
-CRITERIA = ("fi-ratio", "signal")
+#: t, the paper's interval between expansion tests (optimizer steps).
+INTERVAL = 40
 
 
 @dataclass(frozen=True)
 class Decision:
-    """One layer's outcome on a test step.
-
-    ``fi_orig``/``fi_exp``: FI-Scores (Eq. 4) of the layer and of the layer expanded by the scored K;
-    ``ratio = fi_exp / fi_orig`` (Eq. 5, working direction, >= 1; ``inf`` if only fi_exp > 0, ``nan``
-    for 0/0, e.g. a layer that was not used); ``expanded``: whether the rank grew by one.
-    Under the signal criterion also ``signal`` (R), ``dof`` (nu) and ``p_value`` (:mod:`selora.core.signal`);
-    ``nan`` under the fi-ratio criterion.
-    """
+    """One layer's outcome on a test step: its rank before the test, what the criterion scored
+    (e.g. :class:`selora.core.criteria.FisherScore`: ``score.ratio``) and whether the rank grew by one."""
 
     name: str
     rank_before: int
-    fi_orig: float
-    fi_exp: float
-    ratio: float
+    score: Score
     expanded: bool
-    signal: float = math.nan
-    dof: float = math.nan
-    p_value: float = math.nan
+
+
+def score_fields(decisions: Sequence[Decision]) -> dict[str, dict[str, float]]:
+    """``{rank-history key: {layer name: value}}`` of the decisions' scores (e.g. ``ratios``)."""
+    fields: dict[str, dict[str, float]] = {}
+    for d in decisions:
+        for key, value in d.score.record().items():
+            fields.setdefault(key, {})[d.name] = value
+    return fields
 
 
 def _layers(model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.Module]) -> dict[str, SeLoRALinear]:
@@ -81,6 +73,19 @@ def _layers(model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.M
     return layers
 
 
+def _check_settings(criterion: Criterion, interval: int, max_rank: int | None, loss_reduction: str) -> None:
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"criterion: expected a selora.core.criteria.Criterion (e.g. FIRatio()), got {criterion!r}")
+    if int(interval) != interval or interval < 1:
+        raise ValueError(f"interval: expected an integer >= 1, got {interval!r}")
+    if max_rank is not None and (int(max_rank) != max_rank or max_rank < 1):
+        raise ValueError(f"max_rank: expected None or an integer >= 1, got {max_rank!r}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    if criterion.window > interval:
+        raise ValueError(f"window: expected at most interval={interval}, got {criterion.window!r}")
+
+
 class ExpansionController:
     """Grow SeLoRA ranks during training (Algorithm 1).
 
@@ -88,20 +93,16 @@ class ExpansionController:
         model_or_layers: a model (its ``SeLoRALinear`` modules, named by qualified name), a dict
             ``{name: layer}`` such as :func:`selora.core.inject` returns, or a list of layers.
         optimizer: the optimizer holding every adapter parameter (Adam, AdamW or SGD), or None.
-        threshold: lambda; expand when FI_exp / FI_orig >= threshold (paper: 1.1).
+        criterion: the expansion test (:mod:`selora.core.criteria`); default the paper's
+            ``FIRatio()`` (expand when FI_exp / FI_orig >= lambda = 1.1). Its ``window`` sets how many
+            steps of each interval are captured (one K per window; each pays the hooks' cost).
         interval: t, test every t-th ``step()`` (paper: 40).
         max_rank: rank cap; default ``min(in_features, out_features)`` per layer.
         generator: CPU generator for the candidate rows K; default one seeded from torch's global
             RNG at construction (so ``selora.setup(seed)`` makes runs reproducible).
         loss_reduction: ``"mean"`` (loss = mean_i L_i) or ``"sum"``; only rescales FI values.
-        reduce: elementwise sum applied to the statistics before scoring (DDP, :data:`Reduce`);
-            default identity.
-        criterion: ``"fi-ratio"`` (Eq. 5: FI_exp / FI_orig >= threshold) or ``"signal"`` (expand when
-            the signal test's p-value <= ``alpha``; ``threshold`` is then unused).
-        alpha: the signal test's false-expansion rate per layer and test on pure noise.
-        window: capture the last ``window`` steps of every interval (1: the test step only; up to
-            ``interval``), one K per window: more samples for the test, and each step in the
-            window pays the hooks' cost (no extra pass). A skipped step drops the window so far.
+        reduce: elementwise sum applied to the captured statistics before scoring (DDP,
+            :data:`selora.core.criteria.Reduce`); default identity.
 
     The first input dimension of every adapted layer must be the sample dimension (inputs
     ``(N, in)`` or ``(N, ..., in)``); a layer called several times per forward is handled. Forwards
@@ -115,30 +116,16 @@ class ExpansionController:
         self,
         model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.Module],
         optimizer: torch.optim.Optimizer | None,
-        threshold: float = 1.1,
-        interval: int = 40,
+        criterion: Criterion | None = None,
+        *,
+        interval: int = INTERVAL,
         max_rank: int | None = None,
         generator: torch.Generator | None = None,
         loss_reduction: str = "mean",
         reduce: Reduce | None = None,
-        criterion: str = "fi-ratio",
-        alpha: float = 0.001,
-        window: int = 1,
     ) -> None:
-        if int(interval) != interval or interval < 1:
-            raise ValueError(f"interval: expected an integer >= 1, got {interval!r}")
-        if max_rank is not None and (int(max_rank) != max_rank or max_rank < 1):
-            raise ValueError(f"max_rank: expected None or an integer >= 1, got {max_rank!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-            raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
-        if int(window) != window or not 1 <= window <= interval:
-            raise ValueError(f"window: expected an integer in [1, interval={interval}], got {window!r}")
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
-        if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
-            raise ValueError(f"alpha: expected a probability in (0, 1), got {alpha!r}")
+        criterion = FIRatio() if criterion is None else criterion
+        _check_settings(criterion, interval, max_rank, loss_reduction)
         self.layers = _layers(model_or_layers)
         self.optimizer = optimizer
         if optimizer is not None:
@@ -147,7 +134,7 @@ class ExpansionController:
             missing = [n for n, m in self.layers.items() if id(m.lora_A) not in held or id(m.lora_B) not in held]
             if missing:
                 raise ValueError(f"optimizer: does not hold the adapter parameters of {missing[:5]}")
-        self.threshold = float(threshold)
+        self.criterion = criterion
         self.interval = int(interval)
         self.max_rank = max_rank
         if generator is None:
@@ -156,9 +143,6 @@ class ExpansionController:
         self.generator = generator
         self.loss_reduction = loss_reduction
         self.reduce = reduce
-        self.criterion = criterion
-        self.alpha = float(alpha)
-        self.window = int(window)
         self.count = 0
         self.captures: dict[str, LayerCapture] = {}
         self.closed = False
@@ -174,7 +158,7 @@ class ExpansionController:
         """Install a capture with candidate rows K ``(1, in)`` in every layer (drawn unless given)."""
         for name, layer in self.layers.items():
             K = candidates[name] if candidates is not None else layer.draw_rows(1, self.generator)
-            capture = LayerCapture(layer, K.to(layer.lora_A), self.loss_reduction, self.criterion == "signal")
+            capture = LayerCapture(layer, K.to(layer.lora_A), self.criterion.fold, self.loss_reduction)
             layer._capture = capture
             self.captures[name] = capture
 
@@ -184,8 +168,8 @@ class ExpansionController:
         self.captures = {}
 
     def _in_window(self) -> bool:
-        """Whether the next step is one of the last ``window`` steps of its interval."""
-        return (-(self.count + 1)) % self.interval < self.window
+        """Whether the next step is one of the last ``criterion.window`` steps of its interval."""
+        return (-(self.count + 1)) % self.interval < self.criterion.window
 
     def _rearm(self, candidates: Mapping[str, torch.Tensor] | None = None) -> None:
         self._disarm()
@@ -234,61 +218,23 @@ class ExpansionController:
             capture.reset()
 
     def _decide(self, grad_scale: float = 1.0) -> list[Decision]:
-        names = list(self.layers)
-        ref = self.layers[names[0]].lora_A
-        dtype = torch.promote_types(ref.dtype, torch.float32)
-        rows = []
-        for name in names:
-            capture = self.captures[name]
+        """Score every layer with the criterion, grow those that pass (Eq. 2, the K that was scored)."""
+        captures = [self.captures[name] for name in self.layers]
+        for capture in captures:
             capture.flush()
-            stats = capture.stats if capture.stats is not None else torch.zeros(3)
-            rows.append(stats.to(device=ref.device, dtype=dtype))
-        table = torch.stack(rows)  # (layers, 3)
-        if grad_scale != 1.0:  # squared gradients of loss * grad_scale -> those of the loss
-            table[:, :2] /= grad_scale**2
-        if self.criterion == "signal":
-            table, scores = self._reduce_signal(names, table)
-        else:
-            if self.reduce is not None:
-                table = self.reduce(table)
-            scores = [None] * len(names)
+        scores = self.criterion.scores(captures, grad_scale, self.reduce)
         decisions, swaps = [], {}
-        for name, stats, score in zip(names, table.cpu(), scores):
-            layer, capture = self.layers[name], self.captures[name]
-            fi_orig, fi_exp = fi_scores(stats)
-            ratio = fi_ratio(fi_orig, fi_exp)
+        for (name, layer), capture, score in zip(self.layers.items(), captures, scores):
             rank = layer.rank
-            passed = ratio >= self.threshold if score is None else score.p_value <= self.alpha  # nan >= x is False
-            grow = passed and rank < self.layer_max_rank(layer)
+            grow = self.criterion.passes(score) and rank < self.layer_max_rank(layer)
             if grow:
                 old_A, old_B = layer.lora_A, layer.lora_B
                 layer.expand(1, K=capture.K)  # Eq. 2, the K that was scored
                 swaps[old_A], swaps[old_B] = layer.lora_A, layer.lora_B
-            extra = () if score is None else (score.statistic, score.dof, score.p_value)
-            decisions.append(Decision(name, rank, fi_orig, fi_exp, ratio, bool(grow), *extra))
+            decisions.append(Decision(name, rank, score, bool(grow)))
         if swaps and self.optimizer is not None:
             replace_parameters(self.optimizer, swaps)
         return decisions
-
-    def _reduce_signal(self, names: list[str], table: torch.Tensor) -> tuple[torch.Tensor, list[SignalScore]]:
-        """Pack the ``(layers, 3)`` table and every layer's signal row into one vector, reduce it once,
-        unpack, and score each layer (R and nu are invariant to a GradScaler's scale: no rescaling)."""
-        rows = []
-        for name in names:
-            layer, capture = self.layers[name], self.captures[name]
-            row = capture.signal_stats
-            if row is None:  # the layer saw no gradient in this test
-                row = torch.zeros(SIGNAL_SCALARS + layer.out_features * capture.K.shape[0])
-            rows.append(row.to(table))
-        packed = torch.cat([table.flatten(), *rows])
-        if self.reduce is not None:
-            packed = self.reduce(packed)
-        packed = packed.cpu()
-        table, rest = packed[: table.numel()].reshape(table.shape), packed[table.numel() :]
-        scores = []
-        for stats, part in zip(table, rest.split([r.numel() for r in rows])):
-            scores.append(signal_score(part, float(stats[2])))
-        return table, scores
 
     # -- resume -----------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:

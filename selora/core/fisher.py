@@ -25,14 +25,31 @@ one forward contributes the SUM of its calls' per-sample gradients (squared afte
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from selora.core.layers import LoRALinear
-from selora.core.signal import complement_grads, signal_row
 
 LOSS_REDUCTIONS = ("mean", "sum")
+#: Entries of :func:`sample_stats`: ``[sum_i ||dL_i/d(A, B)||^2, sum_i ||dL_i/dB_new||^2, N]``.
+FISHER_STATS = 3
+
+
+class SampleGrads(NamedTuple):
+    """One adapter's per-sample gradients: ``dA`` ``(N, r, in)``, ``dB`` ``(N, out, r)`` and
+    ``dB_new`` ``(N, out, k)`` for candidate rows K ``(k, in)`` (None without K)."""
+
+    dA: torch.Tensor
+    dB: torch.Tensor
+    dB_new: torch.Tensor | None
+
+
+#: ``fold(layer, K, grads) -> row``: what a capture keeps of one backward, a row of sums that adds up
+#: across passes and processes (an expansion criterion's, :meth:`selora.core.criteria.Criterion.fold`).
+Fold = Callable[[LoRALinear, torch.Tensor, SampleGrads], torch.Tensor]
 
 
 def _as_samples(t: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -48,14 +65,14 @@ def per_sample_grads(
     scaling: float,
     K: torch.Tensor | None = None,
     factor: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> SampleGrads:
     """Closed-form per-sample gradients of one adapter call (module docstring).
 
     Args: ``x`` ``(N, ..., in)``, ``u = x A^T`` ``(N, ..., r)``, ``g = dL/dy`` ``(N, ..., out)``,
     ``lora_B`` ``(out, r)``, candidate rows ``K`` ``(k, in)`` or None; ``factor`` multiplies every
     gradient (N for a mean-reduced loss). Computed in at least float32.
 
-    Returns ``(dA (N, r, in), dB (N, out, r), dB_new (N, out, k) or None)``.
+    Returns :class:`SampleGrads` ``(dA (N, r, in), dB (N, out, r), dB_new (N, out, k) or None)``.
     """
     n = x.shape[0] if x.dim() > 1 else 1
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -70,7 +87,7 @@ def per_sample_grads(
     if K is not None:
         v_t = torch.matmul(K.to(dtype), x3.transpose(1, 2))  # (N, k, T) = (x K^T)^T
         dB_new = c * torch.bmm(v_t, g3).transpose(1, 2)  # (N, out, k)
-    return dA, dB, dB_new
+    return SampleGrads(dA, dB, dB_new)
 
 
 def sample_stats(dA: torch.Tensor, dB: torch.Tensor, dB_new: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,34 +115,27 @@ def fi_ratio(fi_orig: float, fi_exp: float) -> float:
 
 
 class LayerCapture:
-    """Accumulates one layer's per-sample Fisher statistics during armed forward/backward passes.
+    """Accumulates one layer's per-sample statistics during armed forward/backward passes.
 
     Installed as ``layer._capture``; the layer's forward calls :meth:`record`, which registers a
     hook on the adapter branch output. The hook computes the call's per-sample gradients at the
     parameters of that backward and adds them to the running per-sample sums (all calls of the
-    layer in one backward); at the end of the backward the sums are squared and folded into
-    :attr:`stats` = ``[sum_i ||dL_i/d(A,B)||^2, sum_i ||dL_i/dB_new||^2, number of samples]``.
+    layer in one backward); at the end of the backward ``fold(layer, K, sums)`` turns the sums into
+    a row (e.g. :func:`sample_stats`, squared per sample) that is added to :attr:`stats`.
     Several forward/backward passes (gradient accumulation) add up as more samples; forwards whose
     output never receives a gradient (e.g. recomputation under activation checkpointing) add nothing.
-    With ``signal=True`` the flush also adds :func:`selora.core.signal.signal_row` of the new column's
-    complement gradients (at the layer's parameters of that backward) to :attr:`signal_stats`.
     """
 
-    def __init__(
-        self, layer: LoRALinear, K: torch.Tensor | None, loss_reduction: str = "mean", signal: bool = False
-    ) -> None:
+    def __init__(self, layer: LoRALinear, K: torch.Tensor, fold: Fold, loss_reduction: str = "mean") -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if signal and K is None:
-            raise ValueError("signal: the signal test needs candidate rows K")
         self.layer = layer
         self.K = K
+        self.fold = fold
         self.loss_reduction = loss_reduction
-        self.signal = signal
         self._sums: list[torch.Tensor] | None = None  # running per-sample (dA, dB, dB_new) of this pass
         self._flush_queued = False
-        self.stats: torch.Tensor | None = None  # (3,)
-        self.signal_stats: torch.Tensor | None = None  # (4 + out * k,), selora.core.signal.signal_row summed
+        self.stats: torch.Tensor | None = None  # the folded rows, summed
 
     def record(self, x: torch.Tensor, u: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Called by the layer's forward: ``x`` input, ``u = x A^T``, ``z`` branch output, ``lora_B``."""
@@ -147,8 +157,7 @@ class LayerCapture:
                     "samples in one pass; the first input dimension must be the sample dimension"
                 )
             for acc, p in zip(self._sums, parts):
-                if p is not None:
-                    acc.add_(p)
+                acc.add_(p)
         if not self._flush_queued:  # fold this backward's per-sample sums when the backward ends
             self._flush_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
@@ -157,17 +166,12 @@ class LayerCapture:
         """Forget everything captured so far (a skipped step); ``K`` stays."""
         self._sums = None
         self.stats = None
-        self.signal_stats = None
 
     def flush(self) -> None:
-        """Square the running per-sample sums and add them to :attr:`stats` (idempotent when empty)."""
+        """Fold the running per-sample sums and add them to :attr:`stats` (idempotent when empty)."""
         self._flush_queued = False
         if self._sums is None:
             return
-        stats = sample_stats(*self._sums)
-        if self.signal:
-            _, dB, dB_new = self._sums
-            row = signal_row(complement_grads(dB, dB_new, self.layer.lora_A, self.layer.lora_B, self.K))
-            self.signal_stats = row if self.signal_stats is None else self.signal_stats + row.to(self.signal_stats)
+        row = self.fold(self.layer, self.K, SampleGrads(*self._sums))
         self._sums = None
-        self.stats = stats if self.stats is None else self.stats + stats.to(self.stats)
+        self.stats = row if self.stats is None else self.stats + row.to(self.stats)

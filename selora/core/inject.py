@@ -87,9 +87,7 @@ def select_linear(model: nn.Module, targets: str | Sequence[str]) -> dict[str, n
     naming a few available modules when a preset matches nothing or a listed target matches nothing.
     """
     if isinstance(model, nn.Linear):
-        raise ValueError(  # noqa: TRY004 (ValueError is the documented contract)
-            "inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear"
-        )
+        raise ValueError("inject: model is itself an nn.Linear; wrap it directly with LoRALinear/SeLoRALinear")
     patterns, is_preset = _targets(targets)
     adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}  # never wrap twice
     linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in adapted}

@@ -25,6 +25,7 @@ expanded when the p-value ``P(Beta >= R/N)`` is at most ``alpha``: on noise this
 Everything is summable across micro-batches and DDP ranks: per layer the row
 ``[Q, sum_i ||g_i||^4, sum_{i != j} (g_i . g_j)^2, pairs, S (d,)]`` adds up, and R is formed only
 after the sum (``||S||^2`` is not additive). ``nu`` is estimated from pairs within each group.
+The controller runs this test as :class:`selora.core.criteria.SignalTest`.
 """
 
 from __future__ import annotations

@@ -112,6 +112,10 @@ class AdaLoRAAdapters(Adapters):
 
     name: ClassVar[str] = "adalora"
 
+    @classmethod
+    def card_text(cls, cfg: MethodConfig, scaling: str) -> str:
+        return f"AdaLoRA (Zhang et al. 2023, through PEFT) pruned to rank {cfg.lora_rank}, scaling s = {scaling}."
+
     def __init__(self, model: nn.Module, tuner: AdaLoraModel, orth_reg_weight: float = ORTH_WEIGHT) -> None:
         super().__init__(model, {name: model.get_submodule(name) for name in adalora_ranks(model)})
         self.tuner, self.orth_reg_weight = tuner, orth_reg_weight

@@ -17,13 +17,14 @@ no-op, the adapter factors are ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Union
 
 import torch
 from torch import nn
 
+from selora.core.criteria import Reduce
 from selora.core.inject import inject, replace_modules, select_linear
 from selora.core.layers import LoRALinear, lora_layers
 
@@ -47,8 +48,6 @@ class MethodConfig(Protocol):
 #: A preset, a list of names/regexes (see :func:`selora.core.inject`), or ``{submodule: those}`` to give
 #: parts of one model their own targets, e.g. ``{"unet": "paper-unet", "text_encoder": "paper-text-encoder"}``.
 Targets = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]  # noqa: UP007 (run-time alias, Python 3.10)
-#: ``reduce(t) -> t`` summed over processes (DDP); identity with one process.
-Reduce = Callable[[torch.Tensor], torch.Tensor]
 #: ``{layer name: {factor name: parameter}}``, e.g. ``{"unet.x.to_q": {"lora_A": (r, in), "lora_B": (out, r)}}``.
 Factors = dict[str, dict[str, nn.Parameter]]
 
@@ -110,6 +109,11 @@ class Adapters:
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
         """ValueError (naming the key) for settings of ``cfg`` this method cannot train with."""
+
+    @classmethod
+    def card_text(cls, cfg: MethodConfig, scaling: str) -> str:
+        """What a model card says about this method as ``cfg`` trains it (``scaling``: the layers' s values)."""
+        return f"LoRA (Hu et al. 2021) at a fixed rank {cfg.lora_rank} in every adapted layer, scaling s = {scaling}."
 
     @classmethod
     def from_config(

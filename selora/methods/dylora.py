@@ -20,7 +20,7 @@ from torch import nn
 
 from selora.core.inject import replace_modules
 from selora.core.layers import LoRALinear, RowInit
-from selora.methods.base import Adapters, Targets, inject_parts
+from selora.methods.base import Adapters, MethodConfig, Targets, inject_parts
 
 
 class DyLoRALinear(LoRALinear):
@@ -106,6 +106,10 @@ class DyLoRAAdapters(Adapters):
     """DyLoRA r = ``lora_rank``: one truncation b per training step, evaluated at the full rank."""
 
     name: ClassVar[str] = "dylora"
+
+    @classmethod
+    def card_text(cls, cfg: MethodConfig, scaling: str) -> str:
+        return f"DyLoRA (Valipour et al. 2023) with maximum rank {cfg.lora_rank}, exported at full rank, s = {scaling}."
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], generator: torch.Generator | None) -> None:
         super().__init__(model, layers)

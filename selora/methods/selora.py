@@ -11,15 +11,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from selora.core.expansion import ExpansionController
+from selora.core.criteria import Criterion, criterion_from_config
+from selora.core.expansion import INTERVAL, ExpansionController, score_fields
 from selora.core.layers import SeLoRALinear
-from selora.methods.base import Adapters, MethodConfig, RankChange, Reduce, Targets
+from selora.methods.base import Adapters, MethodConfig, RankChange, Reduce, Targets, inject_parts
 
 
 class SeLoRAAdapters(Adapters):
-    """SeLoRA (Algorithm 1): rank ``start_rank``, an expansion test every ``interval`` steps
-    (``criterion``: the paper's FI-Ratio, or the signal test of :mod:`selora.core.signal` at level
-    ``alpha`` over the last ``window`` steps of each interval)."""
+    """SeLoRA (Algorithm 1): rank ``start_rank``, an expansion test every ``interval`` steps by
+    ``criterion`` (:mod:`selora.core.criteria`; default the paper's FI-Ratio), ranks capped at
+    ``max_rank``, K drawn from a generator seeded ``seed + 1``."""
 
     name: ClassVar[str] = "selora"
     kind: ClassVar[str] = "selora"
@@ -30,67 +31,60 @@ class SeLoRAAdapters(Adapters):
         self,
         model: nn.Module,
         layers: Mapping[str, nn.Module],
-        threshold: float = 1.1,
-        interval: int = 40,
+        criterion: Criterion | None = None,
+        *,
+        interval: int = INTERVAL,
         max_rank: int | None = None,
         seed: int = 0,
-        criterion: str = "fi-ratio",
-        alpha: float = 0.001,
-        window: int = 1,
     ) -> None:
         super().__init__(model, layers)
-        self.threshold, self.interval, self.max_rank, self.seed = threshold, interval, max_rank, seed
-        self.criterion, self.alpha, self.window = criterion, alpha, window
+        self.criterion, self.interval, self.max_rank, self.seed = criterion, interval, max_rank, seed
         self.controller: ExpansionController | None = None
 
     @classmethod
     def from_config(
         cls, model: nn.Module, targets: Targets, cfg: MethodConfig, total_steps: int, generator: torch.Generator
     ) -> SeLoRAAdapters:
-        adapters = cls.build(model, targets, rank=cfg.start_rank, scale=cfg.lora_scale, generator=generator)
-        adapters.threshold, adapters.interval = cfg.threshold, cfg.interval
-        adapters.max_rank, adapters.seed = cfg.max_rank, cfg.seed
-        adapters.criterion, adapters.alpha = cfg.criterion, cfg.signal_alpha
-        adapters.window = cfg.signal_window if cfg.criterion == "signal" else 1  # the paper's test: its step only
-        return adapters
+        layers = inject_parts(model, targets, cls.kind, cfg.start_rank, cfg.lora_scale, generator)
+        criterion = criterion_from_config(cfg)
+        return cls(model, layers, criterion, interval=cfg.interval, max_rank=cfg.max_rank, seed=cfg.seed)
 
     @classmethod
     def check_config(cls, cfg: MethodConfig) -> None:
-        if cfg.criterion != "signal":
-            return
-        if not 0 < cfg.signal_alpha < 1:
-            raise ValueError(f"key 'signal_alpha': expected a probability in (0, 1), got {cfg.signal_alpha!r}")
-        if cfg.signal_window > cfg.interval:
-            raise ValueError(f"key 'signal_window': expected at most interval={cfg.interval}, got {cfg.signal_window}")
+        criterion_from_config(cfg)
+
+    @classmethod
+    def card_text(cls, cfg: MethodConfig, scaling: str) -> str:
+        cap = cfg.max_rank if cfg.max_rank is not None else "min(in, out)"
+        return (
+            f"SeLoRA (self-expanding LoRA, Mao et al. 2024): every adapted layer starts at rank {cfg.start_rank} and "
+            f"grows by one rank when {criterion_from_config(cfg).describe()} (tested every {cfg.interval} optimizer "
+            f"steps, rank cap {cap}); the scaling s = {scaling} stays fixed while ranks grow, so layers end at "
+            "different ranks."
+        )
 
     def attach(self, optimizer: torch.optim.Optimizer, reduce: Reduce | None = None) -> None:
         """The controller over every SeLoRA layer; its K generator is seeded ``seed + 1``."""
         self.controller = ExpansionController(
             self.model,
             optimizer,
-            threshold=self.threshold,
+            self.criterion,
             interval=self.interval,
             max_rank=self.max_rank,
             generator=torch.Generator().manual_seed(self.seed + 1),
             reduce=reduce,
-            criterion=self.criterion,
-            alpha=self.alpha,
-            window=self.window,
         )
 
     def after_step(self, step: int, grad_scale: float = 1.0) -> RankChange | None:
-        """The controller's step: on a test step, the ranks, the layers that grew and every ratio
-        (Fisher statistics of the unscaled loss: divided by ``grad_scale ** 2``); under the signal
-        criterion also every layer's statistic R, effective dimension and p-value."""
+        """The controller's step: on a test step, the ranks, the layers that grew and each layer's
+        score fields (:meth:`selora.core.criteria.Score.record`: ``ratios`` of the Fisher statistics of
+        the unscaled loss, divided by ``grad_scale ** 2``; the signal test adds ``signal``,
+        ``signal_dof`` and ``p_values``)."""
         decisions = self.controller.step(grad_scale=grad_scale)
         if not decisions:
             return None
         grown = [d.name for d in decisions if d.expanded]
-        record = {"ranks": self.ranks(), "expanded": grown, "ratios": {d.name: d.ratio for d in decisions}}
-        if self.criterion == "signal":
-            record["signal"] = {d.name: d.signal for d in decisions}
-            record["signal_dof"] = {d.name: d.dof for d in decisions}
-            record["p_values"] = {d.name: d.p_value for d in decisions}
+        record = {"ranks": self.ranks(), "expanded": grown, **score_fields(decisions)}
         return RankChange(record, new_parameters=bool(grown))
 
     def on_skip(self) -> None:
