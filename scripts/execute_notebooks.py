@@ -10,6 +10,7 @@ machine paths; an execution error leaves the file untouched and exits non-zero.
 
 from __future__ import annotations
 
+import html
 import importlib.metadata
 import os
 import platform
@@ -47,6 +48,32 @@ def scrub_outputs(nb: nbformat.NotebookNode) -> None:
                 if key in out.get("data", {}):
                     value = out["data"][key]
                     out["data"][key] = scrub(value if isinstance(value, str) else "".join(value))
+
+
+def _bar_text(children: list[dict]) -> str | None:
+    """tqdm's text for a finished notebook bar: its widgets ``[HTML prefix, FloatProgress, HTML suffix]``."""
+    if [c["model_name"] for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    prefix, bar, suffix = (c["state"] for c in children)
+    filled = round(10 * bar["value"] / bar["max"]) if bar.get("max") else 0
+    text = f"{prefix['value']}|{'█' * filled}{' ' * (10 - filled)}|{suffix['value']}"
+    return html.unescape(text).replace("\u2007", " ")
+
+
+def settle_progress_bars(nb: nbformat.NotebookNode) -> None:
+    """Give every progress-bar widget output the text of its final state: the plain-text fallback
+    is written when the bar starts (a frozen "0%"), while the stored widget state holds where it ended."""
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+            box = state.get(view["model_id"]) if view else None
+            if box is None or box["model_name"] != "HBoxModel":
+                continue
+            children = [state.get(c.removeprefix("IPY_MODEL_")) for c in box["state"].get("children", [])]
+            text = _bar_text(children) if all(children) else None
+            if text is not None:
+                out["data"]["text/plain"] = text
 
 
 #: The libraries whose versions a chapter's outputs depend on (recorded in every executed chapter).
@@ -88,6 +115,7 @@ def execute(path: Path, timeout: int | None = None) -> float:
         resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     scrub_outputs(nb)
+    settle_progress_bars(nb)
     nb.metadata["selora"] = {"executed_with": execution_setting()}
     with atomic_path(path) as tmp:
         nbformat.write(nb, tmp)

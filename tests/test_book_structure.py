@@ -138,3 +138,11 @@ def test_part_one_has_solutions_behind_a_toggle_and_a_summary_box(name):
     assert hidden, f"{name}: no worked solution in a hide-cell code cell"
     closing = "".join(nb["cells"][-1]["source"])
     assert "## What we learned" in closing and "{admonition}" in closing, f"{name}: no closing summary box"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_frozen_progress_bar_in_stored_outputs(path):
+    """A notebook bar's plain-text fallback is written when it starts; scripts/execute_notebooks.py gives it
+    the bar's final state (settle_progress_bars), so no stored output reads "0%" of finished work."""
+    frozen = re.findall(r"[^0-9]0%\|[^\n\"]*", path.read_text(encoding="utf-8"))
+    assert not frozen, f"{path.name}: {len(frozen)} frozen progress bar(s), e.g. {frozen[:2]}"
