@@ -12,6 +12,7 @@ from selora.core.expansion import Decision, ExpansionController
 from selora.core.inject import PRESETS, inject
 from selora.core.layers import LoRALinear, SeLoRALinear, kaiming_rows, num_trainable, ranks, trainable_parameters
 from selora.distributed import default_device as device
+from selora.peft_lora import PeftLoRALinear, peft_lora_layers  # registers PEFT LoRA layers with the controller
 from selora.profile import profile, seed_everything, set_threads, setup
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ _LAZY = {
     "save_merged": "selora.export",
     "load_selora": "selora.export",
     "save_kohya_lora": "selora.kohya",
+    "SeLoRACallback": "selora.peft_callback",
 }
 
 
@@ -44,6 +46,8 @@ __all__ = [
     "ExpansionController",
     "LoRALinear",
     "PRESETS",
+    "PeftLoRALinear",
+    "SeLoRACallback",
     "SeLoRALinear",
     "TrainConfig",
     "Trainer",
@@ -54,6 +58,7 @@ __all__ = [
     "load_run",
     "load_selora",
     "num_trainable",
+    "peft_lora_layers",
     "profile",
     "ranks",
     "read_records",

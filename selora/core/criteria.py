@@ -28,7 +28,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from selora.core.fisher import FISHER_STATS, LayerCapture, SampleGrads, fi_ratio, fi_scores, sample_stats
-from selora.core.layers import LoRALinear
+from selora.core.growable import Growable
 from selora.core.signal import SIGNAL_SCALARS, SignalScore, complement_grads, signal_row, signal_score
 
 #: lambda, the paper's threshold on FI_exp / FI_orig.
@@ -117,7 +117,7 @@ class Criterion(ABC):
         """The criterion with the config's settings; ValueError naming the key for a bad one."""
 
     @abstractmethod
-    def fold(self, layer: LoRALinear, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
+    def fold(self, layer: Growable, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
         """What the capture keeps of one backward of ``layer`` (candidate rows ``K`` ``(k, in)``): a row of sums."""
 
     @abstractmethod
@@ -157,7 +157,7 @@ class FIRatio(Criterion):
     def from_config(cls, cfg: CriterionConfig) -> FIRatio:
         return cls(cfg.threshold)
 
-    def fold(self, layer: LoRALinear, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
+    def fold(self, layer: Growable, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
         return sample_stats(*grads)
 
     def row_size(self, capture: LayerCapture) -> int:
@@ -198,7 +198,7 @@ class SignalTest(Criterion):
             raise ValueError(f"key 'signal_window': expected at most interval={cfg.interval}, got {cfg.signal_window}")
         return cls(cfg.signal_alpha, cfg.signal_window)
 
-    def fold(self, layer: LoRALinear, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
+    def fold(self, layer: Growable, K: torch.Tensor, grads: SampleGrads) -> torch.Tensor:
         """:func:`~selora.core.fisher.sample_stats`, then :func:`~selora.core.signal.signal_row` of the
         new column's complement gradients at the layer's parameters of that backward."""
         complement = complement_grads(grads.dB, grads.dB_new, layer.lora_A, layer.lora_B, K)

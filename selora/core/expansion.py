@@ -31,7 +31,7 @@ from torch import nn
 
 from selora.core.criteria import Criterion, FIRatio, Reduce, Score
 from selora.core.fisher import LOSS_REDUCTIONS, LayerCapture
-from selora.core.layers import SeLoRALinear, lora_layers
+from selora.core.growable import Growable, growable_layers
 from selora.core.optim import check_supported, replace_parameters
 
 #: t, the paper's interval between expansion tests (optimizer steps).
@@ -58,18 +58,21 @@ def score_fields(decisions: Sequence[Decision]) -> dict[str, dict[str, float]]:
     return fields
 
 
-def _layers(model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.Module]) -> dict[str, SeLoRALinear]:
+def _layers(model_or_layers: nn.Module | Mapping[str, Growable] | Sequence[Growable]) -> dict[str, Growable]:
     if isinstance(model_or_layers, nn.Module):
-        layers = lora_layers(model_or_layers, SeLoRALinear)
+        layers = growable_layers(model_or_layers)
     elif isinstance(model_or_layers, Mapping):
         layers = dict(model_or_layers)
     else:
         layers = {str(i): m for i, m in enumerate(model_or_layers)}
-    bad = [name for name, m in layers.items() if not isinstance(m, SeLoRALinear)]
+    bad = [name for name, m in layers.items() if not isinstance(m, Growable)]
     if bad:
-        raise TypeError(f"ExpansionController: not SeLoRALinear layers: {bad[:5]}")
+        raise TypeError(f"ExpansionController: not growable layers (selora.core.growable.Growable): {bad[:5]}")
     if not layers:
-        raise ValueError("ExpansionController: no SeLoRALinear layer found (did you call selora.core.inject?)")
+        raise ValueError(
+            "ExpansionController: no SeLoRALinear layer found (did you call selora.core.inject?) "
+            "and no other growable layer (e.g. PEFT LoRA layers, with selora imported)"
+        )
     return layers
 
 
@@ -90,8 +93,10 @@ class ExpansionController:
     """Grow SeLoRA ranks during training (Algorithm 1).
 
     Args:
-        model_or_layers: a model (its ``SeLoRALinear`` modules, named by qualified name), a dict
-            ``{name: layer}`` such as :func:`selora.core.inject` returns, or a list of layers.
+        model_or_layers: a model (its growable layers, named by qualified name: ``SeLoRALinear``
+            modules and every kind in :data:`selora.core.growable.FINDERS`, e.g. PEFT LoRA layers
+            via :mod:`selora.peft_lora`), a dict ``{name: layer}`` such as :func:`selora.core.inject`
+            returns, or a list of layers.
         optimizer: the optimizer holding every adapter parameter (Adam, AdamW or SGD), or None.
         criterion: the expansion test (:mod:`selora.core.criteria`); default the paper's
             ``FIRatio()`` (expand when FI_exp / FI_orig >= lambda = 1.1). Its ``window`` sets how many
@@ -114,7 +119,7 @@ class ExpansionController:
 
     def __init__(
         self,
-        model_or_layers: nn.Module | Mapping[str, nn.Module] | Sequence[nn.Module],
+        model_or_layers: nn.Module | Mapping[str, Growable] | Sequence[Growable],
         optimizer: torch.optim.Optimizer | None,
         criterion: Criterion | None = None,
         *,
@@ -188,7 +193,7 @@ class ExpansionController:
         self.closed = True
         self._disarm()
 
-    def layer_max_rank(self, layer: SeLoRALinear) -> int:
+    def layer_max_rank(self, layer: Growable) -> int:
         """The rank cap of ``layer``: ``max_rank`` or ``min(in_features, out_features)``."""
         return self.max_rank if self.max_rank is not None else min(layer.in_features, layer.out_features)
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from selora.core.layers import LoRALinear
+from selora.core.growable import Growable
 
 LOSS_REDUCTIONS = ("mean", "sum")
 #: Entries of :func:`sample_stats`: ``[sum_i ||dL_i/d(A, B)||^2, sum_i ||dL_i/dB_new||^2, N]``.
@@ -49,7 +49,7 @@ class SampleGrads(NamedTuple):
 
 #: ``fold(layer, K, grads) -> row``: what a capture keeps of one backward, a row of sums that adds up
 #: across passes and processes (an expansion criterion's, :meth:`selora.core.criteria.Criterion.fold`).
-Fold = Callable[[LoRALinear, torch.Tensor, SampleGrads], torch.Tensor]
+Fold = Callable[[Growable, torch.Tensor, SampleGrads], torch.Tensor]
 
 
 def _as_samples(t: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -126,7 +126,7 @@ class LayerCapture:
     output never receives a gradient (e.g. recomputation under activation checkpointing) add nothing.
     """
 
-    def __init__(self, layer: LoRALinear, K: torch.Tensor, fold: Fold, loss_reduction: str = "mean") -> None:
+    def __init__(self, layer: Growable, K: torch.Tensor, fold: Fold, loss_reduction: str = "mean") -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         self.layer = layer

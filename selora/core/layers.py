@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol, TypeVar
 
 import torch
@@ -154,19 +155,29 @@ class SeLoRALinear(LoRALinear):
         the old ones must be updated (:func:`selora.core.optim.replace_parameters`). Returns the
         installed K ``(k, in_features)``.
         """
-        if int(k) != k or k < 1:
-            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-        if K is None:
-            K = self._draw(int(k), generator)
-        if K.dim() != 2 or K.shape[0] != k or K.shape[1] != self.in_features:
-            raise ValueError(f"K: expected shape ({k}, {self.in_features}), got {tuple(K.shape)}")
-        A, B = self.lora_A, self.lora_B
-        K = K.detach().to(dtype=A.dtype, device=A.device)
-        new_A = torch.cat([A.detach(), K], dim=0)
-        new_B = torch.cat([B.detach(), B.new_zeros(B.shape[0], int(k))], dim=1)
-        self.lora_A = nn.Parameter(new_A, requires_grad=A.requires_grad)
-        self.lora_B = nn.Parameter(new_B, requires_grad=B.requires_grad)
-        return K.clone()
+        draw = partial(self._draw, generator=generator)
+        self.lora_A, self.lora_B, K = expanded_factors(self.lora_A, self.lora_B, k, K, draw)
+        return K
+
+
+@torch.no_grad()
+def expanded_factors(
+    A: nn.Parameter, B: nn.Parameter, k: int, K: torch.Tensor | None, draw: Callable[[int], torch.Tensor]
+) -> tuple[nn.Parameter, nn.Parameter, torch.Tensor]:
+    """Eq. 2 on factors ``A`` ``(r, in)``, ``B`` ``(out, r)``: NEW parameters ``[A; K]`` ``(r + k, in)``
+    and ``[B, 0]`` ``(out, r + k)`` (same ``requires_grad``), so ``B A`` is unchanged, and the installed
+    K ``(k, in)``; ``K`` defaults to ``draw(k)``."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    if K is None:
+        K = draw(int(k))
+    if K.dim() != 2 or K.shape[0] != k or K.shape[1] != A.shape[1]:
+        raise ValueError(f"K: expected shape ({k}, {A.shape[1]}), got {tuple(K.shape)}")
+    K = K.detach().to(dtype=A.dtype, device=A.device)
+    new_A = nn.Parameter(torch.cat([A.detach(), K], dim=0), requires_grad=A.requires_grad)
+    zeros = B.new_zeros(B.shape[0], int(k))
+    new_B = nn.Parameter(torch.cat([B.detach(), zeros], dim=1), requires_grad=B.requires_grad)
+    return new_A, new_B, K.clone()
 
 
 L = TypeVar("L", bound=LoRALinear)
