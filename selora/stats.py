@@ -1,6 +1,8 @@
 """The statistics of the chapters and of ``python -m selora.evaluate``: means with their spread and
 their t interval, Welch's two-sample t test (with its p-value and critical value), its equivalence
-form (two one-sided tests against a margin fixed in advance), Spearman's rank correlation.
+form (two one-sided tests against a margin fixed in advance), Spearman's rank correlation; and what
+a "not shown" needs beside it: the power of Welch's and of the paired t test (the noncentral t) and
+the smallest true difference a run of that size would have detected.
 
 Hand-written on purpose (NumPy and ``math`` only): scipy is a test dependency, and the tests
 compare every function here with ``scipy.stats``. The Student-t distribution is computed from the
@@ -26,13 +28,18 @@ __all__ = [
     "mean_and_se",
     "mean_interval",
     "mean_std",
+    "minimum_detectable_difference",
+    "noncentral_t_cdf",
+    "paired_detectable_difference",
     "paired_differences",
+    "paired_power",
     "spearman",
     "student_t_cdf",
     "student_t_quantile",
     "welch_df",
     "welch_equivalence",
     "welch_interval",
+    "welch_power",
     "welch_t",
     "welch_test",
 ]
@@ -229,6 +236,171 @@ def student_t_quantile(q: float, df: float) -> float:
         else:
             hi = mid
     return hi if q > 0.5 else -hi
+
+
+# -- power and the smallest detectable difference -------------------------------------------------
+def _normal_cdf(x: float) -> float:
+    """``Φ(x)``, the standard normal distribution function."""
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+#: Poisson weights below this are left out of the noncentral-t series (their tail sums to less).
+_NCT_WEIGHT_EPS = 1e-18
+
+
+def _nct_series(x: float, y: float, df: float, nc: float) -> float:
+    """``Σ_j [p_j I_x(j + 1/2, df/2) + q_j I_x(j + 1, df/2)]`` of :func:`noncentral_t_cdf`, summed from
+    the Poisson mode outwards until the weights ``p_j + |q_j|`` fall below :data:`_NCT_WEIGHT_EPS`."""
+    lam = 0.5 * nc * nc
+    if lam == 0.0:
+        return betainc(0.5, df / 2, x, y)  # p_0 = 1, q_j = 0
+
+    def term(j: int) -> tuple[float, float]:
+        log_w = -lam + j * math.log(lam)
+        p = math.exp(log_w - math.lgamma(j + 1.0))
+        q = math.copysign(math.exp(log_w - math.lgamma(j + 1.5) + math.log(abs(nc)) - 0.5 * math.log(2.0)), nc)
+        weight = p + abs(q)
+        value = p * betainc(j + 0.5, df / 2, x, y) + q * betainc(j + 1.0, df / 2, x, y) if weight > 0 else 0.0
+        return value, weight
+
+    mode = int(lam)
+    total, j = 0.0, mode
+    while True:  # upwards from the mode
+        value, weight = term(j)
+        total += value
+        if weight < _NCT_WEIGHT_EPS:
+            break
+        j += 1
+    for j in range(mode - 1, -1, -1):  # downwards
+        value, weight = term(j)
+        total += value
+        if weight < _NCT_WEIGHT_EPS:
+            break
+    return total
+
+
+def noncentral_t_cdf(t: float, df: float, nc: float) -> float:
+    """``P(T <= t)`` for the noncentral t ``T = (Z + nc) / sqrt(V / df)`` (Z standard normal, V chi-square
+    with ``df`` > 0 degrees of freedom, independent; ``nc`` the noncentrality).
+
+    For ``t >= 0`` (Guenther 1978; Lenth 1989, algorithm AS 243), with ``x = t^2 / (t^2 + df)``:
+    ``P(T <= t) = Φ(-nc) + 1/2 Σ_{j >= 0} [p_j I_x(j + 1/2, df/2) + q_j I_x(j + 1, df/2)]``,
+    ``p_j = e^{-nc^2/2} (nc^2/2)^j / j!``, ``q_j = nc e^{-nc^2/2} (nc^2/2)^j / (sqrt(2) Γ(j + 3/2))``;
+    for ``t < 0``, ``P(T <= t; nc) = 1 - P(T <= -t; -nc)``. ``nc = 0`` is Student's t. Accurate to an
+    absolute ~1e-15 (tails far below that are not resolved relatively).
+    """
+    df = _check_df(df)
+    t, nc = float(t), float(nc)
+    if not (math.isfinite(t) and math.isfinite(nc)):
+        raise ValueError(f"noncentral_t_cdf: expected finite t and nc, got t={t}, nc={nc}")
+    if t < 0:
+        return 1.0 - noncentral_t_cdf(-t, df, -nc)
+    t2 = t * t
+    cdf = _normal_cdf(-nc) + 0.5 * _nct_series(t2 / (t2 + df), df / (t2 + df), df, nc)
+    return min(1.0, max(0.0, cdf))
+
+
+def _two_sided_power(nc: float, df: float, c: float) -> float:
+    """``P(|T| > c)`` for T noncentral t with ``df`` and ``nc``; ``c = t_{1 - alpha/2, df}`` for a level-alpha test."""
+    return min(1.0, (1.0 - noncentral_t_cdf(c, df, nc)) + noncentral_t_cdf(-c, df, nc))
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v}: expected a finite number > 0")
+
+
+def _check_n(**values: int) -> None:
+    for name, v in values.items():
+        if int(v) != v or v < 2:
+            raise ValueError(f"{name}={v}: expected a whole number >= 2")
+
+
+def _welch_design(sd_a: float, sd_b: float, n_a: int, n_b: int) -> tuple[float, float]:
+    """Standard error of mean(a) - mean(b) and Welch–Satterthwaite df at the TRUE spreads."""
+    _check_positive(sd_a=sd_a, sd_b=sd_b)
+    _check_n(n_a=n_a, n_b=n_b)
+    ua, ub = sd_a**2 / n_a, sd_b**2 / n_b
+    return math.sqrt(ua + ub), (ua + ub) ** 2 / (ua**2 / (n_a - 1) + ub**2 / (n_b - 1))
+
+
+def welch_power(delta: float, sd_a: float, sd_b: float, n_a: int, n_b: int, alpha: float = 0.05) -> float:
+    """Power of :func:`welch_test` (two-sided, level ``alpha``): the probability that it calls a true
+    difference of means ``delta`` significant, for normal groups with true standard deviations
+    ``sd_a``, ``sd_b`` and ``n_a``, ``n_b`` values.
+
+    ``se = sqrt(sd_a^2 / n_a + sd_b^2 / n_b)``, ``ν`` the Welch–Satterthwaite df at the true spreads
+    (:func:`welch_df`'s formula), ``power ≈ P(|T'| > t_{1 - alpha/2, ν})`` with ``T'`` noncentral t
+    (``ν`` df, noncentrality ``delta / se``). An approximation (the test estimates ``ν`` and ``se``); exact
+    for the pooled t when ``n_a = n_b`` and ``sd_a = sd_b``, where Welch's test, whose estimated ``ν`` is
+    at most this one, has slightly less power. ``delta = 0`` gives ``alpha``.
+    """
+    _check_alpha(alpha)
+    if not math.isfinite(delta):
+        raise ValueError(f"delta={delta}: expected a finite difference")
+    se, df = _welch_design(sd_a, sd_b, n_a, n_b)
+    return _two_sided_power(delta / se, df, student_t_quantile(1 - alpha / 2, df))
+
+
+def paired_power(delta: float, sd_diff: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the paired t test (two-sided, level ``alpha``; :func:`mean_interval` of the
+    :func:`paired_differences` excluding 0): the probability that it calls a true mean difference
+    ``delta`` significant when the ``n`` paired differences are normal with standard deviation ``sd_diff``.
+
+    Exact: ``power = P(|T'| > t_{1 - alpha/2, n - 1})``, ``T'`` noncentral t with ``n - 1`` df and
+    noncentrality ``delta sqrt(n) / sd_diff``.
+    """
+    _check_alpha(alpha)
+    if not math.isfinite(delta):
+        raise ValueError(f"delta={delta}: expected a finite difference")
+    _check_positive(sd_diff=sd_diff)
+    _check_n(n=n)
+    return _two_sided_power(delta * math.sqrt(n) / sd_diff, n - 1, student_t_quantile(1 - alpha / 2, n - 1))
+
+
+def _detectable_nc(df: float, alpha: float, power: float) -> float:
+    """The noncentrality ``nc >= 0`` at which the two-sided test has ``power``; bisection (the power
+    grows with ``nc``) until the bracket cannot shrink in float64 or is narrower than 1e-13 of it."""
+    _check_alpha(alpha)
+    if not alpha < power < 1:
+        raise ValueError(f"power={power}: expected a probability in (alpha={alpha}, 1)")
+    c = student_t_quantile(1 - alpha / 2, df)
+    lo, hi = 0.0, 1.0
+    while _two_sided_power(hi, df, c) < power:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-13 * hi:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _two_sided_power(mid, df, c) < power:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def minimum_detectable_difference(
+    sd_a: float, sd_b: float, n_a: int, n_b: int, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """The smallest true difference of means that :func:`welch_test` (two-sided, level ``alpha``) calls
+    significant with probability ``power``, for normal groups with standard deviations ``sd_a``,
+    ``sd_b`` and ``n_a``, ``n_b`` values: the ``delta > 0`` with ``welch_power(delta, ...) = power``,
+    i.e. ``delta = nc* · se`` where ``nc*`` solves ``P(|T'_{ν, nc*}| > t_{1 - alpha/2, ν}) = power`` (bisection).
+
+    A "not shown" at these sizes says nothing about differences much below this one.
+    """
+    se, df = _welch_design(sd_a, sd_b, n_a, n_b)
+    return _detectable_nc(df, alpha, power) * se
+
+
+def paired_detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference that the paired t test (two-sided, level ``alpha``) calls
+    significant with probability ``power``, for ``n`` normal paired differences with standard deviation
+    ``sd_diff``: ``delta = nc* · sd_diff / sqrt(n)`` with ``paired_power(delta, sd_diff, n, alpha) = power``."""
+    _check_positive(sd_diff=sd_diff)
+    _check_n(n=n)
+    return _detectable_nc(n - 1, alpha, power) * sd_diff / math.sqrt(n)
 
 
 # -- rank correlation -----------------------------------------------------------------------------
