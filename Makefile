@@ -44,11 +44,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # `make -j2 test` runs the two legs side by side; the re-run of chapter 9's published experiment
-# (minutes of one core) runs in the chapters' leg so that both legs take about as long.
-BESIDE_BOOK := tests/test_results.py::test_a_published_signal_test_cell_reproduces
+# and the mini SD builder's smoke run (minutes of one core) run in the chapters' leg so that both
+# legs take about as long.
+BESIDE_BOOK := tests/test_results.py::test_a_published_signal_test_cell_reproduces \
+	tests/test_minisd.py::test_the_quick_build_writes_a_stock_pipeline_and_resumes_to_the_same_one
 
 test-unit: $(STAMP) data
-	$(PY) -m pytest tests/ -q --durations=15 --deselect $(BESIDE_BOOK)
+	$(PY) -m pytest tests/ -q --durations=15 $(addprefix --deselect ,$(BESIDE_BOOK))
 
 test-book: $(STAMP) data
 	$(PY) -m pytest --nbval-lax book/ $(BESIDE_BOOK) -q

@@ -55,17 +55,17 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from selora.io import atomic_dir, atomic_write_bytes, atomic_write_text
-from selora.models import MINI_SD_DIR, sd15_scheduler_config, write_clip_text_level
+from selora.minisd.save import drop_loaded_from, save_folder
+from selora.models import MINI_SD_DIR, sd15_scheduler_config
 from selora.paths import cache_dir
 from selora.profile import seed_everything, set_threads
-from selora.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer, write_clip_tokenizer_files
+from selora.tokenizer import CONTEXT_LENGTH, load_clip_tokenizer
 
 SIZE = 64  # pixels; the VAE makes 16x16x4 latents
 COLOURS = {
@@ -555,59 +555,6 @@ def train_unet(
 
 
 # ----------------------------------------------------------------------------- saving and probing
-def assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
-    """A stock StableDiffusionPipeline (PNDM as in SD v1.5, no safety checker) from the parts."""
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**sd15_scheduler_config(), skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def drop_loaded_from(config_file: Path) -> None:
-    """Remove ``_name_or_path`` (the folder a model was loaded from: a machine path) from a saved config."""
-    config = json.loads(config_file.read_text())
-    config.pop("_name_or_path", None)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def compute_in_float32(config_file: Path) -> None:
-    """Mark a transformers config as float32 so a default ``from_pretrained`` upcasts the fp16 weights.
-
-    transformers >= 5 otherwise loads the text encoder in the stored fp16 while diffusers loads the
-    UNet and VAE in float32, and a plain ``StableDiffusionPipeline.from_pretrained(folder)`` fails.
-    """
-    config = json.loads(config_file.read_text())
-    config["dtype"] = "float32"
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def save_folder(parts: tuple, out: Path, extras: dict[str, bytes]) -> None:
-    """Save (vae, text_encoder, tokenizer, unet) as an fp16 pipeline folder, atomically replacing ``out``.
-
-    Copies are cast to fp16, so the fp32 models being trained are left untouched.
-    """
-    vae, text_encoder, tokenizer, unet = parts
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    halves = [copy.deepcopy(m).to(torch.float16) for m in (vae, text_encoder, unet)]
-    with atomic_dir(out) as tmp:
-        assemble(halves[0], halves[1], tokenizer, halves[2]).save_pretrained(tmp, safe_serialization=True)
-        write_clip_text_level(tmp / "text_encoder" / "model.safetensors")
-        # SD v1.5's tokenizer folder layout (vocab.json + merges.txt, 1.5 MB) instead of tokenizer.json (3.5 MB,
-        # written by transformers 5 only)
-        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-        write_clip_tokenizer_files(tmp / "tokenizer")
-        compute_in_float32(tmp / "text_encoder" / "config.json")
-        for name, data in extras.items():
-            (tmp / name).write_bytes(data)
-
-
 def foreground_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroid (y, x) in pixels and mean colour of the bright object in images (n, S, S, 3) in [0, 1]."""
     w = np.clip(images.max(-1) - 0.25, 0, None) + 1e-6

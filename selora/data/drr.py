@@ -170,14 +170,21 @@ def _rotation(yaw: float, pitch: float, roll: float) -> torch.Tensor:
     return torch.from_numpy(rz @ rx @ ry).float()
 
 
-def _sample_points(scene: Scene, patient: Patient, size: tuple[int, int], rng: np.random.Generator) -> torch.Tensor:
+def _sample_points(
+    scene: Scene,
+    patient: Patient,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    view: tuple[float, float] = (0.0, DEPTH_MM),
+) -> torch.Tensor:
     """Where each ray sample falls in the CT, normalised for ``grid_sample``, (depth, H, W, 3) as (z, y, x).
 
     Detector pixel (u, v) and depth w (mm, + anterior) map to the object point x = u (1 + w / (SID -
     130)) (a divergent beam from a source SID mm from the detector, which touches the chest 130 mm
     in front of its centre), then through the patient's pose (R^T), habitus, inspiration (a vertical
     stretch below the lung apex) and a smooth random warp. The map is evaluated on a grid 4x coarser
-    per axis and interpolated (it is smooth).
+    per axis and interpolated (it is smooth). ``view`` = (yaw in degrees added to the pose: 0 frontal,
+    +-90 lateral; mm of depth the rays sample).
     """
     an = patient.anatomy
     th = scene.thorax
@@ -186,15 +193,16 @@ def _sample_points(scene: Scene, patient: Patient, size: tuple[int, int], rng: n
     pixel = field / w_px
     sid = float(rng.uniform(1000, 1800))
     shift = rng.normal(0, (8, 10))
-    n_depth = int(DEPTH_MM / (th.spacing[1] * DEPTH_POOL))
+    yaw, depth_mm = view
+    n_depth = int(depth_mm / (th.spacing[1] * DEPTH_POOL))
     full = (n_depth, h_px, w_px)
     coarse = [n // 4 + 2 for n in full]
-    half = [DEPTH_MM / 2 * (1 - 1 / n_depth), (h_px - 1) / 2 * pixel, (w_px - 1) / 2 * pixel]
+    half = [depth_mm / 2 * (1 - 1 / n_depth), (h_px - 1) / 2 * pixel, (w_px - 1) / 2 * pixel]
     axes = [torch.linspace(-h, h, n) for h, n in zip(half, coarse)]
     ww, vv, uu = torch.meshgrid(axes[0], -axes[1] + shift[1], axes[2] + shift[0], indexing="ij")
     apex_v = (0.5 - 0.13) * h_px * pixel  # the lung apex 13 % below the top edge
     q = torch.stack([uu * (1 + ww / (sid - 130.0)), ww, vv - apex_v], dim=-1)  # mm from the apex
-    rot = _rotation(rng.normal(0, 2.5), rng.normal(0, 3.0), rng.normal(0, 2.0))
+    rot = _rotation(yaw + rng.normal(0, 2.5), rng.normal(0, 3.0), rng.normal(0, 2.0))
     p = (q @ rot) / torch.tensor([an["width"], an["depth"], an["height"]])  # R^T q, then the habitus
     inspiration = float(rng.normal(1.0, 0.04))  # a deeper breath: taller lungs, lower diaphragm
     p[..., 2] = torch.where(p[..., 2] < 0, p[..., 2] / inspiration, p[..., 2])
@@ -209,30 +217,59 @@ def _sample_points(scene: Scene, patient: Patient, size: tuple[int, int], rng: n
     )
 
 
-def render(
-    patient: Patient, scene: Scene, size: tuple[int, int], rng: np.random.Generator
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One radiograph: (12-bit image, uint16 (H, W); lung masks by patient side, bool (H, W)).
+@dataclass(frozen=True)
+class View:
+    """How the beam meets the patient: ``yaw`` degrees about the vertical axis (0 = PA, +-90 = lateral),
+    ``depth_mm`` of tissue the rays sample, ``dose`` scaling the attenuation coefficient k of eq. (1)."""
 
-    The findings draw from their own generator, so the same ``rng`` gives the same exposure (pose,
-    framing, dose, noise) with and without them.
-    """
+    yaw: float = 0.0
+    depth_mm: float = DEPTH_MM
+    dose: float = 1.0
+
+
+FRONTAL = View()
+
+
+def _exposure(
+    patient: Patient, scene: Scene, size: tuple[int, int], rng: np.random.Generator, view: View
+) -> tuple[np.ndarray, torch.Tensor, Volumes]:
+    """The detected image (12-bit, uint16 (H, W)), the ray sample points and the patient's volumes."""
     rng, lesions = (np.random.default_rng(int(s)) for s in rng.integers(2**62, size=2))
     vol = Volumes(scene.base.water.clone(), scene.base.bone.clone(), scene.base.heart.clone())
     if patient.anatomy["breast"] > 0:
         _add_breasts(vol, scene, patient.anatomy["breast"])
     for kind, side in patient.findings:
         draw_finding(vol, scene.thorax, kind, side, lesions)
-    grid = _sample_points(scene, patient, size, rng)[None]
+    grid = _sample_points(scene, patient, size, rng, (view.yaw, view.depth_mm))[None]
     step = scene.thorax.spacing[1] * DEPTH_POOL
     density = _pool_y((vol.water + patient.anatomy["bone"] * vol.bone)[None], DEPTH_POOL)
     water = F.grid_sample(density[None], grid, align_corners=False)[0, 0].sum(0) * step  # (H, W), mm of water
-    k = 0.012 * float(np.exp(rng.normal(0, 0.06)))
+    k = 0.012 * view.dose * float(np.exp(rng.normal(0, 0.06)))
     signal = 1 - torch.exp(-k * water)  # eq. (1)
     lo, hi = 0.6 + float(rng.normal(0, 0.015)), 0.995
     image = ((signal - lo) / (hi - lo)).clamp(0, 1) ** 1.6
     image = image + torch.from_numpy(rng.normal(0, rng.uniform(0.006, 0.015), image.shape).astype(np.float32))
     pixels = (image.clamp(0, 1) * 4095).round().to(torch.int32).numpy().astype(np.uint16)
+    return pixels, grid, vol
+
+
+def render_view(
+    patient: Patient, scene: Scene, size: tuple[int, int], rng: np.random.Generator, view: View
+) -> np.ndarray:
+    """One radiograph of ``patient`` taken from ``view``: 12-bit image, uint16 (H, W)."""
+    return _exposure(patient, scene, size, rng, view)[0]
+
+
+def render(
+    patient: Patient, scene: Scene, size: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One frontal radiograph: (12-bit image, uint16 (H, W); lung masks by patient side, bool (H, W)).
+
+    The findings draw from their own generator, so the same ``rng`` gives the same exposure (pose,
+    framing, dose, noise) with and without them.
+    """
+    pixels, grid, vol = _exposure(patient, scene, size, rng, FRONTAL)
+    step = scene.thorax.spacing[1] * DEPTH_POOL
     organs = torch.cat([scene.masks, _pool_y(vol.heart[None], MASK_POOL)])
     every = MASK_POOL // DEPTH_POOL
     paths = F.grid_sample(organs[None], grid[:, ::every], align_corners=False)[0].sum(1) * step * every
