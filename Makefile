@@ -83,7 +83,8 @@ COMPAT_colab := transformers==4.57.6 diffusers==0.35.2 peft==0.17.1 accelerate==
 COMPAT_lowest := diffusers==0.34.0 transformers==4.44.0 peft==0.17.0 accelerate==1.0.0 torchmetrics==1.4.0 \
 	safetensors==0.4.3 numpy==1.24.4 pillow==10.0.0 tqdm==4.66.0 pyyaml==6.0 packaging==23.0
 COMPAT_TESTS := tests/test_paper_path_*.py tests/test_export.py tests/test_models.py tests/test_modelcard.py \
-	tests/test_tokenizer.py tests/test_metrics.py tests/test_extras.py tests/test_ddp.py tests/test_accelerate.py
+	tests/test_tokenizer.py tests/test_metrics.py tests/test_extras.py tests/test_ddp.py tests/test_accelerate.py \
+	tests/test_peft_lora.py tests/test_peft_demo.py
 COMPAT_BOOK := book/06-finetune-montgomery.ipynb
 
 # torch first, then the rest with the same pin on the command line: pip never swaps the CPU wheel

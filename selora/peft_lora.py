@@ -161,7 +161,14 @@ def _active_adapter(name: str, module: LoraLayer) -> str:
     return active[0]
 
 
-def _refuse_unsupported(name: str, module: LoraLayer, adapter: str) -> None:
+def _uses_rslora(module: LoraLayer, adapter: str, config: LoraConfig) -> bool:
+    """rsLoRA for ``adapter`` on ``module``: the layer's own record where peft keeps one, else the adapter's config
+    (peft 0.17's layers keep only the scale rsLoRA gave them, and the config sets it for every module)."""
+    per_module = getattr(module, "use_rslora", None)
+    return bool(per_module.get(adapter, False) if per_module is not None else config.use_rslora)
+
+
+def _refuse_unsupported(name: str, module: LoraLayer, adapter: str, config: LoraConfig) -> None:
     """ValueError naming ``module`` and the first option the view cannot grow exactly (module docstring)."""
     from peft.tuners.lora.layer import Linear
 
@@ -169,7 +176,7 @@ def _refuse_unsupported(name: str, module: LoraLayer, adapter: str) -> None:
         (type(module) is not Linear, f"layer type {type(module).__name__} (only a plain LoRA Linear)"),
         (module.use_dora.get(adapter, False), "use_dora=True"),
         (adapter in module.lora_variant, f"LoRA variant {type(module.lora_variant.get(adapter)).__name__}"),
-        (module.use_rslora.get(adapter, False), "use_rslora=True"),
+        (_uses_rslora(module, adapter, config), "use_rslora=True"),
         (module.lora_bias.get(adapter, False), "lora_bias=True"),
         (module.merged, "merged adapter weights (unmerge them first)"),
     ]
@@ -197,7 +204,7 @@ def peft_lora_layers(model: nn.Module) -> dict[str, PeftLoRALinear]:
     for name, module in found:
         adapter = _active_adapter(name, module)
         if adapter in module.r:  # else the module holds other adapters only
-            _refuse_unsupported(name, module, adapter)
+            _refuse_unsupported(name, module, adapter, configs[adapter])
             views[name] = PeftLoRALinear(module, adapter, keys.get(id(module), name), configs[adapter])
     for config in {id(v.config): v.config for v in views.values()}.values():
         config.rank_pattern, config.alpha_pattern = {}, {}

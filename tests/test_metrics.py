@@ -168,7 +168,7 @@ def test_clip_score_path_with_a_tiny_random_clip(tiny_clip):
     img, txt = (getattr(out, "pooler_output", out) for out in (img, txt))
     want = max(float((100 * torch.nn.functional.cosine_similarity(img, txt)).mean()), 0.0)
     assert score == pytest.approx(want, rel=1e-4, abs=1e-4)
-    assert 0.0 <= score <= 100.0
+    assert 0.0 < score <= 100.0, "a score clipped at 0 would make every check here hold trivially"
     shuffled = metrics.clip_score(images, prompts[1:] + prompts[:1], tiny_clip)
     assert shuffled != pytest.approx(score, abs=1e-6), "the score must depend on which prompt goes with which image"
 
@@ -184,6 +184,17 @@ def test_clip_score_truncates_long_prompts_like_training(tiny_clip):
     image = torch.zeros(1, 1, 32, 32)
     want = metrics.clip_score(image, [cut], tiny_clip)
     assert metrics.clip_score(image, [long], tiny_clip) == pytest.approx(want, abs=1e-5)
+    # the text the model sees (two scores clipped at 0 would be equal whatever it was)
+    model, processor = tiny_clip()
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.extend(kwargs.get("text") or [])
+        return processor(*args, **kwargs)
+
+    spy.tokenizer = processor.tokenizer
+    metrics.clip_score(image, [long], lambda: (model, spy))
+    assert seen == [cut]
 
 
 def test_clip_score_bad_input(tiny_clip):

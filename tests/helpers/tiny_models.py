@@ -83,6 +83,17 @@ def make_tiny_clip(tokenizer):
     )
     model = CLIPModel(cfg).eval()
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
+    # A random CLIP's embeddings share one dominant direction (image-image and text-text cosines ~0.9),
+    # so every image-text cosine has the sign of the draw: positive under transformers 5's initialisation,
+    # negative under 4.x's for the same seed. The CLIP score clips a negative mean to 0, where no pairing
+    # could change it; negating the text projection (no bias) flips every cosine, so scores are positive.
+    with torch.no_grad():
+        grey = processor(images=[torch.full((3, 32, 32), 128, dtype=torch.uint8)], return_tensors="pt")
+        img = model.get_image_features(pixel_values=grey["pixel_values"])
+        txt = model.get_text_features(**tokenizer(["normal"], return_tensors="pt"))
+        img, txt = (getattr(out, "pooler_output", out) for out in (img, txt))  # 5.x: a model output
+        if torch.nn.functional.cosine_similarity(img, txt).item() < 0:
+            model.text_projection.weight.neg_()
     return lambda: (model, processor)
 
 
