@@ -43,7 +43,6 @@ import argparse
 import copy
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -58,10 +57,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from selora.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from selora.minisd.architecture import make_text_encoder
 from selora.minisd.save import drop_loaded_from, save_folder
+from selora.minisd.training import lr_at, psnr, thin
 from selora.models import MINI_SD_DIR, sd15_scheduler_config
 from selora.paths import cache_dir
 from selora.profile import seed_everything, set_threads
@@ -221,25 +222,6 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder() -> CLIPTextModel:
-    """3-layer, width-64 CLIP text transformer over the full CLIP vocabulary (49,408 tokens)."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=256,
-            projection_dim=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=CONTEXT_LENGTH,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-
-
 def make_unet(cross_attention_dim: int) -> UNet2DConditionModel:
     """Cross-attention UNet on 16x16x4 latents, channels (32, 64, 128), SD v1.5's block types."""
     return UNet2DConditionModel(
@@ -366,16 +348,6 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, log: 
     log.append(loss.item())
 
 
-def lr_at(step: int, total: int | None, peak: float, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to 1 % of ``peak`` over ``total`` steps (constant if None)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if total is None:
-        return peak
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class EMA:
     """Exponential moving average of the trainable weights of ``modules`` (warm-up: (1+t)/(10+t))."""
 
@@ -401,12 +373,6 @@ class EMA:
                     p.copy_(s)
             out.append(c.eval())
         return out
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1]."""
-    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).mean().item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
 
 
 def mixed_batch(batch: int, rng: np.random.Generator) -> torch.Tensor:
@@ -636,11 +602,6 @@ def curve_png(vae_curve: list[float], unet_curve: list[float]) -> bytes:
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     return buf.getvalue()
-
-
-def thin(log: list[float], every: int = 25) -> list[float]:
-    """Means over consecutive blocks of ``every`` steps, rounded, for the JSON log."""
-    return [round(float(np.mean(log[i : i + every])), 5) for i in range(0, len(log), every)]
 
 
 # ----------------------------------------------------------------------------- main
