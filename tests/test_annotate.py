@@ -8,7 +8,7 @@ import pytest
 
 from selora.book import annotate
 from selora.core.fisher import fi_ratio, sample_stats
-from selora.core.layers import SeLoRALinear
+from selora.core.layers import expanded_factors
 
 
 def test_a_block_is_the_files_lines_between_the_markers():
@@ -32,7 +32,7 @@ def test_show_source_is_a_captioned_markdown_code_block():
 
 
 def test_a_decorated_method_shows_its_own_file():
-    """``SeLoRALinear.expand`` runs under ``torch.no_grad()``: its block is from selora/core/layers.py, not the
+    """``expanded_factors`` runs under ``torch.no_grad()``: its block is from selora/core/layers.py, not the
     wrapper."""
-    block = annotate.source_block(SeLoRALinear.expand, "new_A = torch.cat", "self.lora_B = nn.Parameter")
-    assert block.where.startswith("selora/core/layers.py, lines ") and block.code.startswith("new_A = torch.cat")
+    block = annotate.source_block(expanded_factors, "new_A = nn.Parameter", "return new_A")
+    assert block.where.startswith("selora/core/layers.py, lines ") and block.code.startswith("new_A = nn.Parameter")
