@@ -368,6 +368,70 @@ def test_diffusers_unet_grows_and_reloads_with_load_lora_adapter(tmp_path):
     torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["out"], want, atol=ATOL, rtol=0)
 
 
+STOCK_PIPELINE = BLOCK_SELORA + textwrap.dedent(
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    base, adapter, inputs, result = sys.argv[1:]
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(adapter, weight_name="pytorch_lora_weights.safetensors")
+    x = load_file(inputs)
+    with torch.no_grad():
+        out = pipe.unet(x["sample"], x["timestep"], encoder_hidden_states=x["context"]).sample
+    latents = pipe(
+        "a chest radiograph", num_inference_steps=2, output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert not [m for m in sys.modules if m.split(".")[0] == "selora"], "selora was imported"
+    save_file({"out": out.contiguous(), "latents": latents.contiguous()}, result)
+    """
+)
+
+
+def test_a_grown_pipeline_unet_reloads_with_the_pipelines_load_lora_weights(assets, tmp_path):
+    """The route of diffusers' own LoRA training script: ``save_lora_weights`` with the UNet's PEFT
+    state dict and its config as metadata, then ``pipe.load_lora_weights`` in a process without selora:
+    the UNet's outputs and a two-step sampling chain's latents agree with the grown model's."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(assets["model"])
+    unet = pipe.unet
+    teacher = copy.deepcopy(unet)
+    plant(teacher.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v, 3, seed=4)
+    unet.add_adapter(LoraConfig(r=1, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    opt = adam(unet)
+    ctl = selora.ExpansionController(unet, opt, FIRatio(1.05), interval=2, generator=torch.Generator().manual_seed(0))
+    assert train(unet, teacher, unet_inputs, ctl, opt, steps=8, forward=unet_out) >= 2
+    assert len(set(ctl.ranks().values())) > 1  # per-module ranks: the metadata must carry them
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+
+    x = unet_inputs(99) | {"timestep": torch.tensor([10, 500])}
+    save_file(x, str(tmp_path / "inputs.safetensors"))
+    unet.eval()
+    with torch.no_grad():
+        want = unet_out(unet, x)
+        latents = pipe(
+            "a chest radiograph",
+            num_inference_steps=2,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+        unet.disable_adapters()
+        assert (want - unet_out(unet, x)).abs().max() > 100 * ATOL  # the adapters matter
+    args = [assets["model"], tmp_path / "lora", tmp_path / "inputs.safetensors", tmp_path / "out.safetensors"]
+    run_stock(tmp_path / "stock.py", STOCK_PIPELINE, args)
+    got = load_file(str(tmp_path / "out.safetensors"))
+    torch.testing.assert_close(got["out"], want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got["latents"], latents, atol=ATOL, rtol=0)
+
+
 # ----------------------------------------------------------------------------- a transformers Trainer
 def test_trainer_callback_grows_a_peft_model(tmp_path):
     from transformers import Trainer, TrainingArguments
