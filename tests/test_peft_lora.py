@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import peft
 import pytest
@@ -430,6 +432,81 @@ def test_a_grown_pipeline_unet_reloads_with_the_pipelines_load_lora_weights(asse
     got = load_file(str(tmp_path / "out.safetensors"))
     torch.testing.assert_close(got["out"], want, atol=ATOL, rtol=0)
     torch.testing.assert_close(got["latents"], latents, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- two processes (torchrun, gloo)
+DDP_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    sys.path.insert(0, sys.argv[2])  # the tests folder: the same model, teacher and inputs as above
+    from test_peft_lora import adam, mlp, mlp_inputs, mlp_teacher
+    import selora
+    from selora.core.criteria import FIRatio
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+
+    def all_sum(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    model, teacher = get_peft_model(mlp(), LoraConfig(r=1, target_modules=["0", "2"])), mlp_teacher()
+    opt = adam(model)
+    ctl = selora.ExpansionController(
+        model, opt, FIRatio(1.05), interval=2, generator=torch.Generator().manual_seed(0),
+        reduce=all_sum if world > 1 else None,
+    )
+    forward = DistributedDataParallel(model) if world > 1 else model
+    grown = []
+    for step in range(12):
+        x = mlp_inputs(step).chunk(world)[rank]  # this process's share of the global batch of 32
+        ((forward(x) - teacher(x)) ** 2).mean().backward()
+        opt.step()
+        decisions = ctl.step()
+        opt.zero_grad()
+        grown += [d.name for d in decisions if d.expanded]
+        if world > 1 and any(d.expanded for d in decisions):
+            forward = DistributedDataParallel(model)  # new Parameter objects: DDP must register them
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    save_file(tensors, os.path.join(sys.argv[1], f"world{world}-rank{rank}.safetensors"))
+    with open(os.path.join(sys.argv[1], f"world{world}-rank{rank}.json"), "w") as fh:
+        json.dump({"ranks": ctl.ranks(), "grown": grown}, fh)
+    """
+)
+
+
+def test_two_processes_grow_a_peft_model_like_one_process(tmp_path):
+    """torchrun, two gloo processes, each with half of every batch, DDP around the PEFT model and the
+    controller's ``reduce`` an all-reduce: both processes take the same decisions at the same steps and
+    end with the same adapters as one process on the whole batch. Weights agree to 1e-5: DDP averages
+    the two halves' gradients, which rounds differently from one mean over 32 samples (observed ~1e-7)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    tests = str(Path(__file__).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")} | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(driver), str(tmp_path), tests], env=env, check=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*torchrun, str(driver), str(tmp_path), tests], env=env, check=True, timeout=300)
+
+    one = json.loads((tmp_path / "world1-rank0.json").read_text())
+    assert one["grown"] and max(one["ranks"].values()) > 1
+    want = load_file(str(tmp_path / "world1-rank0.safetensors"))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"world2-rank{rank}.json").read_text()) == one
+        got = load_file(str(tmp_path / f"world2-rank{rank}.safetensors"))
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- a transformers Trainer
