@@ -37,7 +37,7 @@ def test_a_caption_with_words_left_out_states_a_subset_and_the_empty_prompt_noth
     assert stated("") == {} and labels("") == {k: len(v) for k, v in ATTRIBUTES.items()}
 
 
-def test_an_object_is_drawn_in_its_cell_in_its_colour():
+def test_an_object_is_drawn_in_its_cell_in_its_tone():
     rng = np.random.default_rng(2)
     for _ in range(40):
         attrs = {**shapes.draw_attributes(rng), "size": "large", "striped": "plain"}
@@ -47,9 +47,9 @@ def test_an_object_is_drawn_in_its_cell_in_its_colour():
         cy, cx = ys.mean() / shapes.UNIT, xs.mean() / shapes.UNIT  # canvas units
         assert min(shapes.ROWS, key=lambda r: abs(shapes.ROWS[r] - cy)) == attrs["row"]
         assert min(shapes.COLS, key=lambda c: abs(shapes.COLS[c] - cx)) == attrs["col"]
-        colour = img[:, cover].mean(1)
-        nearest = min(shapes.COLOURS, key=lambda c: np.abs(np.array(shapes.COLOURS[c]) - colour).sum())
-        assert nearest == attrs["colour"]
+        assert np.array_equal(img[0], img[1]) and np.array_equal(img[0], img[2])  # gray
+        tone = img[0, cover].mean()
+        assert min(shapes.TONES, key=lambda t: abs(shapes.TONES[t] - tone)) == attrs["tone"]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,11 @@ class FixedJudge(torch.nn.Module):
 
 
 def test_judged_accuracy_counts_only_the_attributes_each_prompt_states():
-    prompts = ["a large red circle on the left", "a small blue square", "a lateral chest radiograph, facing left"]
-    answers = {k: 0 for k in ATTRIBUTES}  # shapes, circle, red, small, upper, left, plain, lateral, left
+    prompts = ["a large white circle on the left", "a small light square", "a lateral chest radiograph, facing left"]
+    answers = {k: 0 for k in ATTRIBUTES}  # shapes, circle, white, small, upper, left, plain, lateral, left
     got = judge_samples(FixedJudge(answers), np.zeros((3, 8, 8, 3)), prompts)
     assert got["domain"] == {"accuracy": pytest.approx(2 / 3), "n": 3}
-    assert got["shape"] == {"accuracy": 0.5, "n": 2} and got["colour"] == {"accuracy": 0.5, "n": 2}
+    assert got["shape"] == {"accuracy": 0.5, "n": 2} and got["tone"] == {"accuracy": 0.5, "n": 2}
     assert got["size"] == {"accuracy": 0.5, "n": 2} and got["col"] == {"accuracy": 1.0, "n": 1}
     assert got["view"] == {"accuracy": 1.0, "n": 1} and "striped" not in got
     assert got["row"] == {"accuracy": 0.0, "n": 1}  # "on the left" is the middle row; the judge said upper

@@ -35,7 +35,7 @@ from selora.tokenizer import load_clip_tokenizer
 FULL = {
     "text_encoder": 800,
     "vae": 2500,
-    "unet": 3000,
+    "unet": 4500,
     "judge": 600,
     "shapes": 6000,
     "views": 2000,
@@ -54,11 +54,11 @@ PASS = 0.9  # the share of samples whose every stated attribute the judge must f
 
 
 def probe_prompts(rng: np.random.Generator, n_shapes: int = 42) -> list[str]:
-    """Full captions: ``n_shapes`` objects (every colour equally often) and every view x facing x phrasing."""
+    """Full captions: ``n_shapes`` objects (every tone equally often) and every view x facing x phrasing."""
     out = []
     for i in range(n_shapes):
         attrs = shapes.draw_attributes(rng)
-        attrs["colour"] = tuple(shapes.COLOURS)[i % len(shapes.COLOURS)]
+        attrs["tone"] = tuple(shapes.TONES)[i % len(shapes.TONES)]
         out.append(shapes.caption(attrs, rng, drop=0.0))
     for view in views.VIEWS:
         for facing in views.FACING:

@@ -175,14 +175,8 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, chunk: int = 1
 
 
 def vae_stage(b: Build, pool: np.ndarray, held_views: np.ndarray, batch: int = 8) -> tuple[AutoencoderKL, dict]:
-    """Stage 2: L1 + MSE + CHROMA_WEIGHT x L1 of the colour + 1e-6 KL on fresh mixed batches; held-out
-    PSNR on every kind of image (as many of each as ``held_views`` holds).
-
-    Without the colour term (the first 128 px build) the VAE drew every colour as a gray of the same
-    brightness (a red square came back (0.34, 0.32, 0.32)): colour is a small share of L1 and MSE when
-    most pixels are gray, and a decoder trained on afterwards with the term could not recover it from
-    those latents (its loss stayed flat over 1100 steps).
-    """
+    """Stage 2: L1 + MSE + 1e-6 KL on fresh mixed batches; held-out PSNR on every kind of image (as many
+    of each as ``held_views`` holds)."""
     vae = make_vae()
     loop = b.loop("vae", vae, list(vae.parameters()), 1e-3, key=20)
 
@@ -190,8 +184,7 @@ def vae_stage(b: Build, pool: np.ndarray, held_views: np.ndarray, batch: int = 8
         x = vae_batch(pool, batch, loop.rng)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=loop.gen)).sample
-        colour = CHROMA_WEIGHT * F.l1_loss(_chroma(rec), _chroma(x))
-        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + colour + 1e-6 * post.kl().mean()
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
 
     log = loop.run(loss)
     _as_shipped(vae)
@@ -223,14 +216,6 @@ def held_out_psnr(b: Build, vae: AutoencoderKL, held_views: np.ndarray) -> dict[
         "generic": to_model(np.round(np.stack([shapes.generic_image(rng) for _ in range(n)]) * 255).astype(np.uint8)),
     }
     return {k: reconstruction_psnr(vae, x) for k, x in held.items()}
-
-
-CHROMA_WEIGHT = 4.0  # the VAE's weight on the error of each pixel's colour (its deviation from gray)
-
-
-def _chroma(x: torch.Tensor) -> torch.Tensor:
-    """Each pixel's colour without its brightness: x minus its channel mean, (B, 3, S, S)."""
-    return x - x.mean(1, keepdim=True)
 
 
 @torch.no_grad()
