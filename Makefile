@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make book` and `make test` (see README.md).
-# CI (.ci/run) runs `make -j2 --output-sync=target test`: the unit tests and the chapters are
-# single-threaded, so on two cores they run side by side.
+# CI (.ci/run) runs `make -j2 --output-sync=target test check-book`: the unit tests and the chapters
+# are single-threaded, so on two cores they run side by side; the render and its check follow on the
+# core of whichever leg ends first.
 # Both create .venv if missing and install the project; torch is pinned HERE (the CPU wheel)
 # while the package itself declares a range, so Colab keeps its own torch.
 PYTHON ?= python3
