@@ -105,19 +105,26 @@ def test_no_library_noise_in_stored_outputs(path):
 #: Characters of code the rendered column shows without a scroll bar (measured at 1280 px: 78 overflow; the render
 #: check, scripts/check_rendered_book.py, measures the page itself).
 CODE_COLUMNS = 77
+#: The same inside a toggle (``hide-cell``: exercise solutions), whose frame takes two characters: the render
+#: check flagged a 77-character line there (statistics primer) and passes 75 (chapter 4's solution).
+TOGGLE_COLUMNS = 75
+
+
+def _columns(cell: dict) -> int:
+    return TOGGLE_COLUMNS if "hide-cell" in cell.get("metadata", {}).get("tags", []) else CODE_COLUMNS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_code_cells_fit_the_column(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     wide = [
-        f"cell {i}: {line[:40]}…"
+        f"cell {i}: {line[:40]}… ({len(line)} > {_columns(cell)})"
         for i, cell in enumerate(nb["cells"])
         if cell["cell_type"] == "code"
         for line in "".join(cell["source"]).splitlines()
-        if len(line) > CODE_COLUMNS
+        if len(line) > _columns(cell)
     ]
-    assert not wide, f"{path.name}: {len(wide)} code line(s) over {CODE_COLUMNS} characters, e.g. {wide[:3]}"
+    assert not wide, f"{path.name}: {len(wide)} code line(s) wider than the column, e.g. {wide[:3]}"
 
 
 #: Part I pages: each ends with exercises whose worked solutions hide behind a toggle, and a summary box.
