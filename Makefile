@@ -57,7 +57,7 @@ test-unit: $(STAMP) data
 	$(PY) -m pytest tests/ -q --durations=15 $(addprefix --deselect ,$(BESIDE_BOOK))
 
 test-book: $(STAMP) data
-	$(PY) -m pytest --nbval-lax book/ $(BESIDE_BOOK) -q
+	$(PY) -m pytest --nbval-lax book/ $(BESIDE_BOOK) -q --durations=10
 
 ## make test-kernels: regression runs, published-experiment re-runs and every chapter under each of KERNEL_SETS
 ## (checks must not need this CPU's floats; the SSE4.1 set is slow: about an hour)
