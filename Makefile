@@ -47,12 +47,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# `make -j2 test` runs the two legs side by side; the re-run of chapter 9's published experiment,
-# the mini SD builder's smoke run and one planted-rank sweep (minutes of one core) run in the chapters'
-# leg so that both legs, the chapters' with the book's render and check, take about as long.
+# `make -j2 test` runs the two legs side by side; the re-run of chapter 9's published experiment and
+# the mini SD builder's smoke run (minutes of one core) run in the chapters' leg so that both legs, the
+# chapters' with the book's render and check, take about as long.
 BESIDE_BOOK := tests/test_results.py::test_a_published_signal_test_cell_reproduces \
-	tests/test_minisd.py::test_the_quick_build_writes_a_stock_pipeline_and_resumes_to_the_same_one \
-	"tests/test_planted_rank.py::test_signal_test_recovers_planted_ranks_where_the_paper_rule_does_not[wide-to-narrow]"
+	tests/test_minisd.py::test_the_quick_build_writes_a_stock_pipeline_and_resumes_to_the_same_one
 
 test-unit: $(STAMP) data
 	$(PY) -m pytest tests/ -q --durations=15 $(addprefix --deselect ,$(BESIDE_BOOK))

@@ -12,13 +12,10 @@ pushes the ratio below 1.1. With square layers (in = out) that term is too weak 
 ||A||_F rather than the planted rank (all layers grew towards full rank in a 16 -> 16 version).
 """
 
-import pytest
-import scipy.stats
 import torch
 from torch import nn
 
 import selora
-from selora.book import toy
 from selora.core.criteria import FIRatio
 
 PLANTED = (1, 2, 4, 6)
@@ -73,48 +70,9 @@ def test_planted_ranks_are_recovered():
     assert loss < 0.1 * lora_loss, f"SeLoRA loss {loss:.4g} vs fixed rank-1 LoRA {lora_loss:.4g}"
 
 
-# -- the signal test (selora.core.signal, book chapter 9) ---------------------------------------------
-#: Chapter 4's toy (independent layers from rank 1, Adam, batches of 64, t = 40), with target noise
-#: sigma = 0.1 and a training set large enough that the noise is noise in-sample too.
-SIGNAL = dict(criterion="signal", alpha=0.001, window=10)
-TOY = dict(noise=0.1, n=16384, steps=1000)
-GEOMETRIES = {
-    "square": dict(width=32, planted=[1, 2, 4, 8]),
-    "wide-to-narrow": dict(width=64, out_width=8, planted=[1, 2, 4, 6]),
-}
-SEEDS = range(20)
-
-
-def recovered(geometry: dict, seed: int, **kwargs) -> bool:
-    """Whether every final rank is within one of its planted rank."""
-    planted = geometry["planted"]
-    run = toy.planted_run(planted, seed=seed, **{k: v for k, v in geometry.items() if k != "planted"}, **TOY, **kwargs)
-    return all(abs(r[-1] - p) <= 1 for r, p in zip(run.ranks.values(), planted))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_signal_test_recovers_planted_ranks_where_the_paper_rule_does_not(geometry):
-    signal = sum(recovered(GEOMETRIES[geometry], s, **SIGNAL) for s in SEEDS)
-    paper = sum(recovered(GEOMETRIES[geometry], s) for s in SEEDS)
-    assert signal >= 0.9 * len(SEEDS), f"{geometry}: signal test within +-1 on {signal}/{len(SEEDS)} seeds"
-    assert paper < 0.9 * len(SEEDS), f"{geometry}: the paper's rule recovered {paper}/{len(SEEDS)} seeds"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("alpha", [0.001, 0.05])
-def test_a_pure_noise_layer_expands_no_more_often_than_alpha(alpha):
-    """20 tests per run (800 steps, t = 40) x 20 seeds: expansions at most the upper 0.1 % of Binomial(400, alpha)."""
-    expansions = 0
-    for seed in SEEDS:
-        run = toy.planted_run(
-            [0], width=16, noise=0.1, n=16384, steps=800, seed=seed, criterion="signal", alpha=alpha, window=10
-        )
-        expansions += run.ranks["layer0"][-1] - 1
-    tests = 800 // 40 * len(SEEDS)
-    bound = scipy.stats.binom.isf(1e-3, tests, alpha)
-    assert expansions <= bound, (
-        f"{expansions} expansions in {tests} tests of pure noise at alpha = {alpha} (bound {bound:.0f})"
-    )
-    paper = toy.planted_run([0], width=16, noise=0.1, n=16384, steps=800, seed=0)
-    assert paper.ranks["layer0"][-1] == 16, "the paper's rule should grow the noise layer to its cap"
+# The signal test's statistical claims on this toy (selora.core.signal) are asserted by chapter 9
+# (book/09-beyond-the-paper.ipynb) and not repeated here: the assertion cell after its planted-rank sweep
+# (ranks within +-1 on >= 90 % of 20 seeds, square 32 -> 32 and wide 64 -> 8, where the paper's rule is
+# not) and the one after its pure-noise runs (a noise layer expands no more often than the 99.9 % binomial
+# bound at alpha = 0.001 and 0.05). `make test` runs both under nbval; a copy here ran the same 121 toy
+# runs again (about five CPU-minutes of CI).
