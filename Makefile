@@ -49,8 +49,8 @@ lint: $(STAMP)
 
 # `make -j2 test` runs the two legs side by side; the re-run of chapter 9's published experiment (five
 # minutes of one core) runs in the chapters' leg so that both legs, the chapters' with the book's render
-# and check, take about as long (a fresh-clone CI run on an idle 2-core machine: unit tests 13.1 min,
-# render + check + chapters 17.6 min with the mini SD builder's one-minute smoke run among them).
+# and check, take about as long (a fresh-clone CI run on an idle 2-core machine took 16.6 min: unit tests
+# 13.0 min with the mini SD builder's one-minute smoke run, chapters 13.4 min after the render and check).
 BESIDE_BOOK := tests/test_results.py::test_a_published_signal_test_cell_reproduces
 
 test-unit: $(STAMP) data

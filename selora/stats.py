@@ -25,6 +25,7 @@ from selora.core.betainc import betainc
 __all__ = [
     "Equivalence",
     "WelchTest",
+    "binomial_upper",
     "mean_and_se",
     "mean_interval",
     "mean_std",
@@ -401,6 +402,30 @@ def paired_detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, po
     _check_positive(sd_diff=sd_diff)
     _check_n(n=n)
     return _detectable_nc(n - 1, alpha, power) * sd_diff / math.sqrt(n)
+
+
+# -- counts ---------------------------------------------------------------------------------------
+def binomial_upper(n: int, p: float, q: float) -> int:
+    """The smallest ``k`` with ``P(X > k) <= q`` for ``X ~ Binomial(n, p)``: a count of independent
+    events of rate ``p`` in ``n`` trials exceeds it with probability at most ``q`` (scipy's
+    ``binom.ppf(1 - q, n, p)``). The tail is summed from the top, so small ``q`` keeps its digits."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"binomial_upper: n must be a whole number >= 1, got {n}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"binomial_upper: p must be a probability in [0, 1], got {p}")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"binomial_upper: q must be in (0, 1), got {q}")
+    if p in (0.0, 1.0):
+        return 0 if p == 0.0 else n
+    j = np.arange(n + 1)
+    log_pmf = (
+        math.lgamma(n + 1)
+        - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in j])
+        + j * math.log(p)
+        + (n - j) * math.log1p(-p)
+    )
+    above = np.r_[np.cumsum(np.exp(log_pmf)[::-1])[::-1][1:], 0.0]  # above[k] = P(X > k)
+    return int(np.argmax(above <= q))
 
 
 # -- rank correlation -----------------------------------------------------------------------------

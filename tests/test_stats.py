@@ -330,3 +330,18 @@ def test_power_functions_reject_bad_input():
         stats.noncentral_t_cdf(1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="finite t and nc"):
         stats.noncentral_t_cdf(math.inf, 3.0, 1.0)
+
+
+def test_binomial_upper_matches_scipy_binom_ppf():
+    # chapter 9's pure-noise bound: the smallest k with P(X > k) <= q for X ~ Binomial(n, p)
+    for n, p, q in [(400, 0.01, 1e-3), (400, 0.05, 1e-3), (20, 0.5, 0.05), (1000, 0.001, 1e-6), (7, 0.3, 0.2)]:
+        k = stats.binomial_upper(n, p, q)
+        assert k == int(scipy.stats.binom.ppf(1 - q, n, p)), (n, p, q)
+        assert scipy.stats.binom.sf(k, n, p) <= q < scipy.stats.binom.sf(k - 1, n, p)
+    assert stats.binomial_upper(10, 0.0, 0.01) == 0
+    with pytest.raises(ValueError, match="binomial_upper: p"):
+        stats.binomial_upper(10, 1.5, 0.01)
+    with pytest.raises(ValueError, match="binomial_upper: q"):
+        stats.binomial_upper(10, 0.5, 0.0)
+    with pytest.raises(ValueError, match="n must be"):
+        stats.binomial_upper(0, 0.5, 0.1)
