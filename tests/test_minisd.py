@@ -166,3 +166,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         build.main(["--out", str(tmp_path / "file")])
     assert err.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        build.main(["--out", str(tmp_path), "--guidance", "0.5"])
+    assert err.value.code == 2 and "--guidance must be at least 1 (1: no guidance), got 0.5" in capsys.readouterr().err

@@ -51,6 +51,7 @@ QUICK = {
 }
 QUICK.update(probe_shapes=7, probe_seeds=1)
 PASS = 0.9  # the share of samples whose every stated attribute the judge must find (per attribute)
+GUIDANCE = 7.5  # classifier-free guidance of the probe's samples (SD v1.5's default)
 
 
 def probe_prompts(rng: np.random.Generator, n_shapes: int = 42) -> list[str]:
@@ -67,8 +68,8 @@ def probe_prompts(rng: np.random.Generator, n_shapes: int = 42) -> list[str]:
     return out
 
 
-def generate(pipe, prompts: list[str], seeds: list[int]) -> np.ndarray:
-    """Every prompt with every seed (prompt-major), 25 PNDM steps, guidance 7.5: (P*len(seeds), S, S, 3)."""
+def generate(pipe, prompts: list[str], seeds: list[int], guidance: float = GUIDANCE) -> np.ndarray:
+    """Every prompt with every seed (prompt-major), 25 PNDM steps at ``guidance``: (P*len(seeds), S, S, 3)."""
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for _ in prompts for s in seeds]
     prompts = [p for p in prompts for _ in seeds]
@@ -77,7 +78,7 @@ def generate(pipe, prompts: list[str], seeds: list[int]) -> np.ndarray:
             pipe(
                 prompts[i : i + 32],
                 num_inference_steps=25,
-                guidance_scale=7.5,
+                guidance_scale=guidance,
                 generator=gens[i : i + 32],
                 output_type="np",
             ).images
@@ -109,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--hours", type=float, default=2.0, help="wall time after which the build pauses (exit 3)")
     ap.add_argument("--quick", action="store_true", help=f"smoke-test sizes {QUICK}")
+    ap.add_argument(
+        "--guidance", type=float, default=GUIDANCE, help=f"classifier-free guidance of the probe (default {GUIDANCE})"
+    )
     for name, value in FULL.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"steps or set size (default {value})")
     args = ap.parse_args(argv)
@@ -117,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.guidance < 1:
+        ap.error(f"--guidance must be at least 1 (1: no guidance), got {args.guidance}")
     if args.judge_views < 5:
         ap.error(f"--judge-views must be at least 5 (a fifth is held out), got {args.judge_views}")
     if args.out.exists() and not args.out.is_dir():
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = assemble(vae, text_encoder, tokenizer, unet)
     prompts = probe_prompts(b.rng(60), args.probe_shapes)
     seeds = list(range(args.probe_seeds))
-    images = generate(pipe, prompts, seeds)
+    images = generate(pipe, prompts, seeds, args.guidance)
     probe = judge_samples(judge, images, [p for p in prompts for _ in seeds])
     results = {
         "text_encoder": text,
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe": {
             "prompts": prompts,
             "seeds": seeds,
+            "guidance": args.guidance,
             "judged": probe,
             "pass": PASS,
             "passed": all(v["accuracy"] >= PASS for v in probe.values()),
