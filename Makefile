@@ -94,6 +94,7 @@ COMPAT_BOOK := book/06-finetune-montgomery.ipynb
 
 # torch first, then the rest with the same pin on the command line: pip never swaps the CPU wheel
 # (the chapters' imports by name: the colab extra's torch-fidelity would bring torchvision)
+.PRECIOUS: .venv-compat-%/.installed  # a stamp, not an intermediate file to delete
 .venv-compat-%/.installed: pyproject.toml
 	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
 	.venv-compat-$*/bin/python -m pip install -q "$(TORCH_PIN)"

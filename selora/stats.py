@@ -406,9 +406,8 @@ def paired_detectable_difference(sd_diff: float, n: int, alpha: float = 0.05, po
 
 # -- counts ---------------------------------------------------------------------------------------
 def binomial_upper(n: int, p: float, q: float) -> int:
-    """The smallest ``k`` with ``P(X > k) <= q`` for ``X ~ Binomial(n, p)``: a count of independent
-    events of rate ``p`` in ``n`` trials exceeds it with probability at most ``q`` (scipy's
-    ``binom.ppf(1 - q, n, p)``). The tail is summed from the top, so small ``q`` keeps its digits."""
+    """The smallest ``k`` with ``P(X > k) <= q``, ``X ~ Binomial(n, p)`` (scipy's ``binom.ppf(1 - q, n, p)``):
+    a count of events of rate ``p`` in ``n`` trials exceeds it with probability at most ``q``."""
     if int(n) != n or n < 1:
         raise ValueError(f"binomial_upper: n must be a whole number >= 1, got {n}")
     if not 0.0 <= p <= 1.0:
@@ -424,7 +423,7 @@ def binomial_upper(n: int, p: float, q: float) -> int:
         + j * math.log(p)
         + (n - j) * math.log1p(-p)
     )
-    above = np.r_[np.cumsum(np.exp(log_pmf)[::-1])[::-1][1:], 0.0]  # above[k] = P(X > k)
+    above = np.r_[np.cumsum(np.exp(log_pmf)[::-1])[::-1][1:], 0.0]  # P(X > k), summed from the top
     return int(np.argmax(above <= q))
 
 
